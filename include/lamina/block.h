@@ -57,6 +57,7 @@ enum {
     LAM_REQ_SERIALISING = 1 << 3,     /* wait for / block overlapping requests */
     LAM_REQ_WRITE_UNCHANGED = 1 << 4, /* write does not change guest data */
     LAM_REQ_NO_SERIALISE_WAIT = 1 << 5, /* internal: already serialised */
+    LAM_REQ_WRITE_COMPRESSED = 1 << 6, /* whole-cluster write, stored compressed */
 };
 
 /* ---- permissions on an edge (QEMU's BlockPermission) ---- */
@@ -251,7 +252,10 @@ const char *lam_probe_format(const uint8_t *buf, int len, const char *filename);
  * image that names it (absolute names and protocol names stay as they are). */
 char *lam_path_combine(const char *base_image, const char *name);
 
-/* Registry of drivers (built in). */
+/* Registry of drivers: the built-in ones plus any registered at run time
+ * (tests register recording/fault drivers).  Not thread safe: register
+ * before opening nodes. */
 const LamDriver *lam_driver_find(const char *name);
+void lam_driver_register(const LamDriver *drv);
 
 #endif

@@ -1,0 +1,81 @@
+#!/usr/bin/python3
+"""Runs every test suite and ends with the line 'TOTAL: N passed, N failed'.
+
+Suites: C unit tests (meson test) in build/, the same unit tests under
+ASan+UBSan in build-asan/ (if configured), and the Python integration
+tests (pytest) against build/.  Usage: tests/run.py [--quick]
+"""
+import os
+import re
+import subprocess
+import sys
+import tempfile
+import xml.etree.ElementTree as ET
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def meson_unit(builddir, label):
+    if not os.path.exists(os.path.join(ROOT, builddir, "build.ninja")):
+        print(f"== {label}: {builddir} not configured, skipped")
+        return 0, 0
+    print(f"== {label}: meson test -C {builddir}", flush=True)
+    env = dict(os.environ)
+    env.setdefault("ASAN_OPTIONS", "detect_leaks=1:abort_on_error=1")
+    env.setdefault("UBSAN_OPTIONS", "print_stacktrace=1:halt_on_error=1")
+    p = subprocess.run(["meson", "test", "-C", builddir, "--print-errorlogs",
+                        "--suite", "unit", "--num-processes", "2"],
+                       cwd=ROOT, env=env, capture_output=True, text=True)
+    out = p.stdout + p.stderr
+    print(out[-20000:])
+    counts = {}
+    for key in ("Ok", "Expected Fail", "Fail", "Unexpected Pass", "Skipped", "Timeout"):
+        m = re.search(r"^%s:\s+(\d+)" % re.escape(key), out, re.M)
+        counts[key] = int(m.group(1)) if m else 0
+    passed = counts["Ok"] + counts["Expected Fail"]
+    failed = counts["Fail"] + counts["Unexpected Pass"] + counts["Timeout"]
+    if p.returncode != 0 and failed == 0:
+        failed = 1  # meson itself failed
+    return passed, failed
+
+
+def pytest_suite(paths, label, extra_env=None):
+    print(f"== {label}: pytest {' '.join(paths)}", flush=True)
+    with tempfile.TemporaryDirectory() as td:
+        xml = os.path.join(td, "junit.xml")
+        env = dict(os.environ)
+        env.update(extra_env or {})
+        p = subprocess.run(["/usr/bin/python3", "-m", "pytest", "-q", "-p",
+                            "no:cacheprovider", "--junitxml", xml,
+                            "-o", "junit_family=xunit2"] + paths,
+                           cwd=ROOT, env=env)
+        if not os.path.exists(xml):
+            return 0, 1
+        root = ET.parse(xml).getroot()
+        suites = [root] if root.tag == "testsuite" else root.findall("testsuite")
+        tests = fail = skip = 0
+        for s in suites:
+            tests += int(s.get("tests", 0))
+            fail += int(s.get("failures", 0)) + int(s.get("errors", 0))
+            skip += int(s.get("skipped", 0))
+        if p.returncode not in (0, 1, 5) and fail == 0:
+            fail = 1
+        return tests - fail - skip, fail
+
+
+def main():
+    total_p = total_f = 0
+    for builddir, label in (("build", "unit"), ("build-asan", "unit (ASan+UBSan)")):
+        p, f = meson_unit(builddir, label)
+        total_p += p
+        total_f += f
+    paths = [a for a in sys.argv[1:] if not a.startswith("--")] or ["tests/integration"]
+    p, f = pytest_suite(paths, "integration")
+    total_p += p
+    total_f += f
+    print(f"TOTAL: {total_p} passed, {total_f} failed")
+    return 0 if total_f == 0 else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
