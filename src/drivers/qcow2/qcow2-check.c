@@ -90,8 +90,11 @@ static int walk_l2(Ck *c, uint64_t l2off, bool active, uint8_t *buf)
             qc_compressed_params(s, e, &coff, &csize);
             inc_range(c, coff, csize);
             if (active) {
+                /* Counted as fragmented, as qemu-img check does. */
                 c->res->compressed_clusters++;
                 c->res->allocated_clusters++;
+                c->res->fragmented_clusters++;
+                c->prev_host = -1;
             }
             break;
         }

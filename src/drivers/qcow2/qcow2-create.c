@@ -223,9 +223,14 @@ int qc_create(json_t *opts, LamError **errp)
         free(buf);
         return -EPERM;
     }
+    /* Root edges may not write past the end: size the file first. */
     ret = lam_co_truncate(root, 0, false, LAM_PREALLOC_OFF, NULL);
-    (void)ret;
-    ret = lam_co_pwrite(root, 0, total * cs, buf, 0);
+    if (ret == 0) {
+        ret = lam_co_truncate(root, total * cs, false, LAM_PREALLOC_OFF, NULL);
+    }
+    if (ret == 0) {
+        ret = lam_co_pwrite(root, 0, total * cs, buf, 0);
+    }
     if (ret == 0) {
         ret = lam_co_flush(root);
     }

@@ -378,6 +378,8 @@ fail:
     return ret;
 }
 
+static void free_state(Qcow2State *s);
+
 static int qcow2_open(LamNode *bs, json_t *opts, int flags, LamError **errp)
 {
     Qcow2State *s = bs->opaque;
@@ -388,7 +390,8 @@ static int qcow2_open(LamNode *bs, json_t *opts, int flags, LamError **errp)
     pthread_cond_init(&s->inflight_cond, NULL);
     s->file = lam_open_child(bs, opts, "file", false, errp);
     if (!s->file) {
-        return -EINVAL;
+        ret = -EINVAL;
+        goto fail;
     }
     if (!bs->filename) {
         bs->filename = strdup(lam_node_filename(s->file->node));
@@ -398,7 +401,8 @@ static int qcow2_open(LamNode *bs, json_t *opts, int flags, LamError **errp)
     int64_t file_len = lam_node_length(s->file->node);
     if (file_len < 0) {
         lam_error_setg_errno(errp, (int)file_len, "Could not open '%s'", s->name);
-        return (int)file_len;
+        ret = (int)file_len;
+        goto fail;
     }
     s->file_end = file_len;
     uint8_t h[112] = {0};
@@ -662,6 +666,8 @@ static int qcow2_open(LamNode *bs, json_t *opts, int flags, LamError **errp)
     return 0;
 fail:
     free(c0);
+    free_state(s);
+    memset(s, 0, sizeof(*s));
     if (ret == 0) {
         ret = -EINVAL;
     }
@@ -702,12 +708,8 @@ static int qcow2_inactivate(LamNode *bs)
     return ret;
 }
 
-static void qcow2_close(LamNode *bs)
+static void free_state(Qcow2State *s)
 {
-    Qcow2State *s = bs->opaque;
-    if (s->l2_cache && s->rb_cache && s->file) {
-        qcow2_inactivate(bs);
-    }
     qc_cache_free(s->l2_cache);
     qc_cache_free(s->rb_cache);
     free(s->l1);
@@ -716,6 +718,15 @@ static void qcow2_close(LamNode *bs)
     free_exts(s);
     pthread_mutex_destroy(&s->lock);
     pthread_cond_destroy(&s->inflight_cond);
+}
+
+static void qcow2_close(LamNode *bs)
+{
+    Qcow2State *s = bs->opaque;
+    if (s->l2_cache && s->rb_cache && s->file) {
+        qcow2_inactivate(bs);
+    }
+    free_state(s);
 }
 
 static int64_t qcow2_get_length(LamNode *bs)
@@ -786,15 +797,7 @@ static int qcow2_change_backing_file(LamNode *bs, const char *file, const char *
         lam_error_setg_errno(errp, ret, "Could not flush '%s'", s->name);
     }
     pthread_mutex_unlock(&s->lock);
-    if (ret == 0) {
-        char *nf = file ? strdup(file) : NULL;
-        char *nfmt = file && fmt ? strdup(fmt) : NULL;
-        free(bs->backing_file);
-        free(bs->backing_format);
-        bs->backing_file = nf;
-        bs->backing_format = nfmt;
-    }
-    return ret;
+    return ret; /* the core updates bs->backing_file/format */
 }
 
 static int qcow2_check_cb(LamNode *bs, LamCheckResult *res, LamCheckMode mode)
@@ -807,7 +810,7 @@ const LamDriver lam_drv_qcow2 = {
     .kind = LAM_DRV_FORMAT,
     .state_size = sizeof(Qcow2State),
     .supports_backing = true,
-    .supported_write_flags = 0,
+    .supported_write_flags = LAM_REQ_WRITE_COMPRESSED,
     .supported_zero_flags = LAM_REQ_MAY_UNMAP | LAM_REQ_NO_FALLBACK,
     .option_names = qcow2_options,
     .probe = qcow2_probe,

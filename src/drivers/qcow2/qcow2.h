@@ -246,4 +246,6 @@ int qc_measure(json_t *fmt_opts, LamNode *in, int64_t size, LamMeasure *out,
 int qc_truncate(LamNode *bs, int64_t size, bool exact, LamPrealloc prealloc,
                 LamError **errp);
 
+extern const LamDriver lam_drv_qcow2;
+
 #endif
