@@ -322,10 +322,99 @@ int qc_update_refcount(Qcow2State *s, int64_t off, int64_t len, int64_t delta)
     return 0;
 }
 
+static bool has_block(Qcow2State *s, int64_t t)
+{
+    return t < s->rt_entries && (s->rt[t] & QCOW2_RT_OFFSET_MASK);
+}
+
+/* Ranges in [t0, t1] without a refcount block. */
+static int64_t missing_blocks(Qcow2State *s, int64_t t0, int64_t t1)
+{
+    int64_t m = 0;
+    for (int64_t t = t0; t <= t1; t++) {
+        m += !has_block(s, t);
+    }
+    return m;
+}
+
+/* Writes new refcount blocks for the block-less ranges touched by the
+ * free area [start, start+n+k), placing the k blocks at start+n.. so that
+ * contiguous runs may cross range boundaries.  Blocks, then flush, then
+ * table entries, then flush (I1). */
+static int place_blocks(Qcow2State *s, int64_t start, int64_t n, int64_t k)
+{
+    int64_t cs = s->cluster_size, mask = (1ll << s->rb_bits) - 1;
+    int64_t bstart = start + n;
+    int64_t t0 = start >> s->rb_bits, t1 = (bstart + k - 1) >> s->rb_bits;
+    int64_t *placed = calloc(k, sizeof(int64_t));
+    if (!placed) {
+        return -ENOMEM;
+    }
+    int ret = 0;
+    int64_t j = 0;
+    for (int64_t t = t0; t <= t1 && ret == 0; t++) {
+        if (has_block(s, t)) {
+            continue;
+        }
+        uint64_t off = (uint64_t)((bstart + j) * cs);
+        uint8_t *b;
+        ret = qc_cache_get(s, s->rb_cache, off, true, &b);
+        if (ret < 0) {
+            break;
+        }
+        for (int64_t ci = bstart; ci < bstart + k; ci++) {
+            if ((ci >> s->rb_bits) == t) {
+                qc_rb_set(b, s->refcount_order, ci & mask, 1);
+            }
+        }
+        ret = lam_co_pwrite(s->file, (int64_t)off, cs, b, 0);
+        qc_cache_put(s->rb_cache, b);
+        placed[j++] = t;
+    }
+    if (ret == 0) {
+        ret = lam_co_flush(s->file);
+    }
+    for (int64_t i = 0; i < j && ret == 0; i++) {
+        uint8_t e[8];
+        qst64(e, (uint64_t)((bstart + i) * cs));
+        ret = lam_co_pwrite(s->file, (int64_t)s->rt_offset + 8 * placed[i], 8, e, 0);
+    }
+    if (ret == 0) {
+        ret = lam_co_flush(s->file);
+    }
+    if (ret < 0) {
+        for (int64_t i = 0; i < j; i++) {
+            qc_cache_discard(s->rb_cache, (uint64_t)((bstart + i) * cs));
+        }
+        free(placed);
+        return ret;
+    }
+    for (int64_t i = 0; i < j; i++) {
+        s->rt[placed[i]] = (uint64_t)((bstart + i) * cs);
+    }
+    free(placed);
+    if ((bstart + k) * cs > s->file_end) {
+        s->file_end = (bstart + k) * cs;
+    }
+    /* Block clusters that fall in ranges which already had a block. */
+    for (int64_t ci = bstart; ci < bstart + k; ci++) {
+        uint64_t rc;
+        ret = qc_get_refcount(s, ci, &rc);
+        if (ret == 0 && rc == 0) {
+            ret = qc_update_refcount(s, ci * cs, cs, 1);
+        }
+        if (ret < 0) {
+            return ret;
+        }
+    }
+    return 0;
+}
+
 int64_t qc_alloc_clusters(Qcow2State *s, int64_t n)
 {
+    int64_t from = s->free_cluster_index > 0 ? s->free_cluster_index : 1;
     for (;;) {
-        int64_t ci = s->free_cluster_index > 0 ? s->free_cluster_index : 1;
+        int64_t ci = from;
         int64_t run = 0, start = -1;
         while (run < n) {
             if (ci * s->cluster_size >= QC_MAX_HOST_OFFSET) {
@@ -348,24 +437,51 @@ int64_t qc_alloc_clusters(Qcow2State *s, int64_t n)
             }
             ci++;
         }
-        bool placed_block = false;
-        for (int64_t t = start >> s->rb_bits; t <= (start + n - 1) >> s->rb_bits; t++) {
-            if (t >= s->rt_entries || !(s->rt[t] & QCOW2_RT_OFFSET_MASK)) {
-                int ret = ensure_refblock(s, t);
+        int64_t t0 = start >> s->rb_bits;
+        int64_t slack = ((n + 2) >> s->rb_bits) + 3; /* bound on blocks needed */
+        int64_t tmax = (start + n + slack) >> s->rb_bits;
+        if (tmax >= s->rt_entries) {
+            int ret = grow_table(s, tmax);
+            if (ret < 0) {
+                return ret;
+            }
+            continue; /* the new table took clusters: search again */
+        }
+        int64_t k = 0;
+        for (;;) {
+            int64_t m = missing_blocks(s, t0, (start + n + k - 1) >> s->rb_bits);
+            if (m <= k) {
+                break;
+            }
+            k = m;
+        }
+        if (k > 0) {
+            bool free_area = true;
+            for (int64_t c = start + n; c < start + n + k; c++) {
+                uint64_t rc;
+                int ret = qc_get_refcount(s, c, &rc);
                 if (ret < 0) {
                     return ret;
                 }
-                placed_block = true;
+                if (rc) {
+                    free_area = false;
+                    from = c + 1;
+                    break;
+                }
             }
-        }
-        if (placed_block) {
-            continue; /* new blocks took clusters: search again */
+            if (!free_area) {
+                continue;
+            }
+            int ret = place_blocks(s, start, n, k);
+            if (ret < 0) {
+                return ret;
+            }
         }
         int ret = qc_update_refcount(s, start * s->cluster_size, n * s->cluster_size, 1);
         if (ret < 0) {
             return ret;
         }
-        s->free_cluster_index = start + n;
+        s->free_cluster_index = start + n + k;
         if ((start + n) * s->cluster_size > s->file_end) {
             s->file_end = (start + n) * s->cluster_size;
         }
