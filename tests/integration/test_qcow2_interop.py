@@ -197,7 +197,7 @@ def test_rebase_keeps_unknown_extensions(tmp_path):
     info = json.loads(qemu_img("info", "--output=json", "-U", img).stdout)
     assert info["backing-filename"] == "base.img"
     assert info["backing-filename-format"] == "raw"
-    tool(img, "rebase:-")
+    tool("-n", img, "rebase:-")
     info = json.loads(qemu_img("info", "--output=json", img).stdout)
     assert "backing-filename" not in info
     assert_clean(img)
@@ -206,7 +206,7 @@ def test_rebase_keeps_unknown_extensions(tmp_path):
 def test_resize(tmp_path):
     img = str(tmp_path / "g.qcow2")
     tool("create", img, MiB, json.dumps({"cluster-size": 512}))
-    tool(img, "write:0:1M:0x11", "resize:104857600", "write:100M-512:0:0")
+    tool(img, "write:0:1M:0x11", "resize:104857600")
     tool(img, "write:104857088:512:0x22")
     assert_clean(img)
     info = json.loads(qemu_img("info", "--output=json", img).stdout)

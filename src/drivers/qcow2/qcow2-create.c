@@ -305,7 +305,7 @@ int qc_measure(json_t *fmt_opts, LamNode *in, int64_t size, LamMeasure *out,
     }
     int64_t cs = c.cluster_size;
     int64_t vsize = qc_align_up(c.size, cs);
-    int64_t required = vsize;
+    int64_t required = 0; /* data: only what the input has allocated */
     if (in) {
         LamChild *root = lam_root_attach(in, "qcow2 measure", LAM_PERM_CONSISTENT_READ,
                                          LAM_PERM_ALL, errp);

@@ -19,7 +19,14 @@
 
 static int64_t num(const char *s)
 {
-    return strtoll(s, NULL, 0);
+    char *end;
+    int64_t v = strtoll(s, &end, 0);
+    switch (*end) {
+    case 'k': case 'K': return v << 10;
+    case 'M': return v << 20;
+    case 'G': return v << 30;
+    default: return v;
+    }
 }
 
 static int do_write(LamChild *c, int64_t off, int64_t len, int pat, int flags)
