@@ -5,6 +5,7 @@ Suites: C unit tests (meson test) in build/, the same unit tests under
 ASan+UBSan in build-asan/ (if configured), and the Python integration
 tests (pytest) against build/.  Usage: tests/run.py [--quick]
 """
+import json
 import os
 import re
 import subprocess
@@ -28,12 +29,31 @@ def meson_unit(builddir, label):
                        cwd=ROOT, env=env, capture_output=True, text=True)
     out = p.stdout + p.stderr
     print(out[-20000:])
-    counts = {}
-    for key in ("Ok", "Expected Fail", "Fail", "Unexpected Pass", "Skipped", "Timeout"):
-        m = re.search(r"^%s:\s+(\d+)" % re.escape(key), out, re.M)
-        counts[key] = int(m.group(1)) if m else 0
-    passed = counts["Ok"] + counts["Expected Fail"]
-    failed = counts["Fail"] + counts["Unexpected Pass"] + counts["Timeout"]
+    # Count TAP subtests individually (one executable holds many cases);
+    # other tests count once.
+    passed = failed = 0
+    log = os.path.join(ROOT, builddir, "meson-logs", "testlog.json")
+    try:
+        with open(log) as f:
+            entries = [json.loads(line) for line in f if line.strip()]
+    except OSError:
+        entries = []
+    for e in entries:
+        ok = e.get("result") in ("OK", "EXPECTEDFAIL", "SKIP")
+        stdout = e.get("stdout") or ""
+        tap_ok = len(re.findall(r"^ok \d+", stdout, re.M))
+        tap_bad = len(re.findall(r"^not ok \d+", stdout, re.M))
+        if tap_ok + tap_bad:
+            passed += tap_ok
+            failed += tap_bad
+            if not ok and tap_bad == 0:
+                failed += 1  # crashed or exited non-zero after its cases
+        elif e.get("result") == "SKIP":
+            continue
+        elif ok:
+            passed += 1
+        else:
+            failed += 1
     if p.returncode != 0 and failed == 0:
         failed = 1  # meson itself failed
     return passed, failed
