@@ -96,7 +96,7 @@ int img_resize(int argc, char **argv)
         goto out;
     }
     LamError *err = NULL;
-    if (lam_co_truncate(im.root, total, false, prealloc, &err) < 0) {
+    if (lam_co_truncate(im.root, total, true, prealloc, &err) < 0) {
         img_error_free(err, NULL);
         goto out;
     }

@@ -88,3 +88,54 @@ def write_pattern_file(path, size, seed=1):
             n = min(left, 1 << 20)
             f.write(r.randbytes(n))
             left -= n
+
+
+def mixed_qcow2(path, size="64M", extra_opts=None):
+    """qcow2 with data, zero clusters, a partial cluster and unallocated
+    space, written by qemu-io."""
+    args = ["create", "-q", "-f", "qcow2"]
+    if extra_opts:
+        args += ["-o", extra_opts]
+    qimg(*args, path, size)
+    qio(path, "write -P 0x11 0 1M", "write -z 2M 1M", "write -P 0x22 5M 64k",
+        "write -P 0x33 9M 4k", "write -P 0x44 20M 3M")
+    return path
+
+
+def chain(tmp):
+    """base.qcow2 <- mid.qcow2 <- top.qcow2 with overlapping writes."""
+    base = os.path.join(tmp, "base.qcow2")
+    mid = os.path.join(tmp, "mid.qcow2")
+    top = os.path.join(tmp, "top.qcow2")
+    mixed_qcow2(base)
+    qimg("create", "-q", "-f", "qcow2", "-b", "base.qcow2", "-F", "qcow2", mid)
+    qio(mid, "write -P 0x55 512k 1M", "write -z 5M 64k", "write -P 0x66 30M 1M")
+    qimg("create", "-q", "-f", "qcow2", "-b", "mid.qcow2", "-F", "qcow2", top)
+    qio(top, "write -P 0x77 0 64k", "write -z 20M 1M", "write -P 0x88 40M 128k")
+    return base, mid, top
+
+
+def raw_with_holes(path, size=16 << 20):
+    with open(path, "wb") as f:
+        f.truncate(size)
+        f.seek(1 << 20)
+        f.write(b"\x5a" * 65536)
+        f.seek(7 << 20)
+        f.write(os.urandom(3 << 20))
+    return path
+
+
+def assert_qemu_clean(path, fmt="qcow2"):
+    p = qimg("check", "-f", fmt, path, check=False)
+    assert p.returncode == 0, p.stdout + p.stderr
+    assert "No errors were found" in p.stdout
+
+
+def assert_same_content(a, b, fa=None, fb=None):
+    args = ["compare"]
+    if fa:
+        args += ["-f", fa]
+    if fb:
+        args += ["-F", fb]
+    p = qimg(*args, a, b, check=False)
+    assert p.returncode == 0, p.stdout + p.stderr
