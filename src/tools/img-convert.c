@@ -215,7 +215,11 @@ static int worker(int idx, void *opaque)
             while (c->write_seq != seq && !c->err) {
                 pthread_cond_wait(&c->cond, &c->lock);
             }
+            bool failed = c->err != 0;
             pthread_mutex_unlock(&c->lock);
+            if (failed) {
+                break;
+            }
         }
         if (r >= 0) {
             r = write_chunk(c, off, len, data, bbuf);
