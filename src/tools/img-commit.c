@@ -238,6 +238,9 @@ int img_commit(int argc, char **argv)
     }
     img_progress_start(progress && !img_quiet);
     int r = copy_to_base(&top, &base, tsize);
+    if (r == 0) {
+        img_progress_set(100.0);
+    }
     img_progress_end();
     if (r < 0) {
         goto out;

@@ -320,7 +320,6 @@ void img_progress_set(double percent)
 
 void img_progress_end(void)
 {
-    img_progress_set(100.0);
     pthread_mutex_lock(&prog_lock);
     if (prog_enabled) {
         printf("\n");

@@ -163,7 +163,6 @@ int img_compare(int argc, char **argv)
         }
         int64_t n = na < nb ? na : nb;
         if (strict && aa != ab) {
-            img_progress_end();
             printf("Strict mode: Offset %lld block status mismatch!\n", (long long)off);
             ret = 1;
             goto out;
@@ -180,7 +179,6 @@ int img_compare(int argc, char **argv)
             }
             int64_t d = first_diff(ba, bb, n);
             if (d >= 0) {
-                img_progress_end();
                 img_printf("Content mismatch at offset %lld!\n", (long long)(off + d));
                 ret = 1;
                 goto out;
@@ -192,7 +190,6 @@ int img_compare(int argc, char **argv)
     }
     if (la != lb) {
         if (strict) {
-            img_progress_end();
             printf("Strict mode: Image size mismatch!\n");
             ret = 1;
             goto out;
@@ -203,10 +200,11 @@ int img_compare(int argc, char **argv)
             goto out;
         }
     }
-    img_progress_end();
+    img_progress_set(100.0);
     img_printf("Images are identical.\n");
     ret = 0;
 out:
+    img_progress_end();
     free(ba);
     free(bb);
     img_close(&b);

@@ -421,6 +421,7 @@ int img_convert(int argc, char **argv)
         img_error("error while writing at byte %lld: %s", (long long)cv.next_off,
                   strerror(-r));
     } else {
+        img_progress_set(100.0);
         img_progress_end();
         ret = 0;
     }

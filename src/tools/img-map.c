@@ -154,10 +154,33 @@ int img_map(int argc, char **argv)
         if (pnum > want) {
             pnum = want;
         }
+        int qdepth = depth > 0 ? depth - 1 : chain;
+        bool past_eof = false;
+        /* qemu stops descending at a layer whose backing file ends before
+         * the offset (the rest reads as zeroes from that layer) and splits
+         * extents at backing-file ends; mirror that so depths agree. */
+        LamNode *n = im.node;
+        for (int i = 0; n && i < qdepth; i++) {
+            LamNode *b = lam_node_backing_node(n);
+            int64_t bl = b ? lam_node_length(b) : 0;
+            if (!b || off >= bl) {
+                qdepth = i;
+                past_eof = true;
+                break;
+            }
+            if (off + pnum > bl) {
+                pnum = bl - off;
+            }
+            n = b;
+        }
+        if (past_eof) {
+            depth = 0;
+            st = LAM_BS_ZERO;
+        }
         MapEntry e = {
             .start = off,
             .length = pnum,
-            .depth = depth > 0 ? depth - 1 : chain,
+            .depth = qdepth,
             .present = depth > 0,
             .zero = (st & LAM_BS_ZERO) || depth == 0,
             .data = (st & LAM_BS_DATA) && depth > 0,

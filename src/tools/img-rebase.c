@@ -185,6 +185,9 @@ int img_rebase(int argc, char **argv)
         }
         img_progress_start(progress);
         int r = copy_differences(&ov, backing ? &nb : NULL);
+        if (r == 0) {
+            img_progress_set(100.0);
+        }
         img_progress_end();
         if (r < 0) {
             goto out;

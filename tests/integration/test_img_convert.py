@@ -117,8 +117,9 @@ def test_skip_create_raw(tmp_path):
 
 def test_progress(tmp_path):
     src = mixed_qcow2(str(tmp_path / "s.qcow2"))
-    p = lam("convert", "-p", "-O", "raw", src, tmp_path / "d.raw")
-    assert "    (100.00/100%)\r" in p.stdout
+    p = lam("convert", "-p", "-O", "raw", src, tmp_path / "d.raw", text=False)
+    assert p.stdout.startswith(b"    (0.00/100%)\r")
+    assert p.stdout.endswith(b"    (100.00/100%)\r\n")
 
 
 def test_errors(tmp_path):
