@@ -200,6 +200,9 @@ int img_open(ImgImage *im, const char *filename, const char *fmt, int flags,
     if (flags & IMG_OPEN_SHARE) {
         oflags |= LAM_O_FORCE_SHARE;
     }
+    if (flags & IMG_OPEN_NO_FLUSH) {
+        oflags |= LAM_O_NO_FLUSH;
+    }
     if (flags & IMG_OPEN_CHECK) {
         oflags |= LAM_O_CHECK;
     }

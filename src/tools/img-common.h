@@ -67,6 +67,7 @@ enum {
     IMG_OPEN_CHECK = 1 << 3,
     IMG_OPEN_RESIZE = 1 << 4,     /* root takes the resize permission */
     IMG_OPEN_QUIET_ERR = 1 << 5,  /* leave reporting to the caller */
+    IMG_OPEN_NO_FLUSH = 1 << 6,   /* cache=unsafe: flushes do nothing */
 };
 /* Opens filename (fmt NULL: probe) and attaches a root.  On failure
  * reports "Could not open 'x': reason" (unless QUIET_ERR, then *errp is

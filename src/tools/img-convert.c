@@ -255,6 +255,10 @@ int img_convert(int argc, char **argv)
     const char *fmt = NULL, *out_fmt = NULL, *base = NULL, *base_fmt = NULL;
     bool compress = false, progress = false, skip_create = false, wr_oo = false;
     bool share = false, target_is_zero = false;
+    /* qemu-img convert writes with cache=unsafe unless -t says otherwise:
+     * the target is complete when the command ends, durability is the
+     * caller's business (sync). */
+    bool no_flush = true;
     int64_t sparse = 4096;
     int threads = 8, c, ret = 1;
     json_t *o = json_object();
@@ -276,7 +280,10 @@ int img_convert(int argc, char **argv)
         case 'W': wr_oo = true; break;
         case 'U': share = true; break;
         case 'Z': target_is_zero = true; break;
-        case 't': case 'T': break; /* cache modes: accepted */
+        case 't':
+            no_flush = !strcmp(optarg, "unsafe");
+            break;
+        case 'T': break; /* source cache mode: accepted */
         case 'o':
             if (img_parse_o(o, optarg) < 0) {
                 goto out_opts;
@@ -363,7 +370,9 @@ int img_convert(int argc, char **argv)
             goto out_src;
         }
     }
-    if (img_open(&cv.dst, dst_name, out_fmt, IMG_OPEN_RW | (base ? 0 : IMG_OPEN_NO_BACKING), NULL, NULL) < 0) {
+    if (img_open(&cv.dst, dst_name, out_fmt, IMG_OPEN_RW |
+                 (no_flush ? IMG_OPEN_NO_FLUSH : 0) |
+                 (base ? 0 : IMG_OPEN_NO_BACKING), NULL, NULL) < 0) {
         goto out_src;
     }
     if (skip_create) {
