@@ -125,13 +125,15 @@ json_t *qmp_dispatch(QmpSession *s, json_t *req)
     }
     const char *name = json_string_value(exec ? exec : oob);
     const QmpCommandDef *d = qmp_find_command(name);
+    /* Before negotiation every other name, even an unknown one, gets the
+     * same answer (checked against QEMU). */
+    if (!s->negotiated && !(d && (d->flags & QMP_CMD_PRE_NEGOTIATION))) {
+        return error_reply(id, LAM_ERR_COMMAND_NOT_FOUND,
+                           "Expecting capabilities negotiation with 'qmp_capabilities'");
+    }
     if (!d) {
         return error_replyf(id, LAM_ERR_COMMAND_NOT_FOUND,
                             "The command %s has not been found", name);
-    }
-    if (!s->negotiated && !(d->flags & QMP_CMD_PRE_NEGOTIATION)) {
-        return error_reply(id, LAM_ERR_COMMAND_NOT_FOUND,
-                           "Expecting capabilities negotiation with 'qmp_capabilities'");
     }
     if (oob) {
         return error_replyf(id, LAM_ERR_GENERIC,

@@ -1,4 +1,5 @@
 /* The one argument validator every QMP command goes through. */
+#include <stdint.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
