@@ -260,13 +260,13 @@ static json_t *image_info(LamNode *bs, bool flat)
     json_object_set_new(img, "virtual-size", json_integer(len < 0 ? 0 : len));
     json_object_set_new(img, "filename", json_string(fn));
     json_object_set_new(img, "format", json_string(lam_node_format(bs)));
+    /* Nodes with no host storage (null-co) report 0, as in QEMU. */
     int64_t alloc = lam_node_allocated_size(bs);
-    if (alloc >= 0) {
-        json_object_set_new(img, "actual-size", json_integer(alloc));
-    }
-    const LamDriver *drv = lam_node_driver(bs);
+    json_object_set_new(img, "actual-size", json_integer(alloc < 0 ? 0 : alloc));
+    /* QEMU shows dirty-flag for every driver that answers get_info, which
+     * is all of ours except null-co. */
     if (lam_node_get_info(bs, img, NULL) == 0 &&
-        ((drv && drv->get_info) || !strcmp(lam_node_format(bs), "file")) &&
+        strncmp(lam_node_format(bs), "null-", 5) &&
         !json_object_get(img, "dirty-flag")) {
         json_object_set_new(img, "dirty-flag", json_false());
     }

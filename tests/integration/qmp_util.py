@@ -217,8 +217,17 @@ class Daemon:
             time.sleep(0.005)
         raise TimeoutError(f"{self.sock} did not appear")
 
-    def connect(self, negotiate=True):
-        c = QMPClient(self.sock, negotiate=negotiate)
+    def connect(self, negotiate=True, timeout=20):
+        # The socket file appears at bind(), a moment before listen().
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                c = QMPClient(self.sock, negotiate=negotiate)
+                break
+            except (ConnectionRefusedError, FileNotFoundError):
+                if time.monotonic() > deadline or self.proc.poll() is not None:
+                    raise
+                time.sleep(0.005)
         self.clients.append(c)
         return c
 
