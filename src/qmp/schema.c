@@ -165,7 +165,9 @@ static int validate(const QmpType *t, json_t *v, const char *path,
         return 0;
     case QMP_T_UINT32:
         if (!json_is_integer(v)) {
-            return type_error(path, "uint64", errp);
+            /* QEMU's unsigned visitor words its type error this way. */
+            lam_error_setg(errp, "Parameter '%s' expects uint64", path);
+            return -1;
         }
         /* Negative numbers wrap to huge unsigned ones in QEMU, so they
          * fail the range check rather than the type check. */
