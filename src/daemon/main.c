@@ -90,8 +90,9 @@ static int parse_args(int argc, char **argv, Options *o)
         {"version", no_argument, NULL, 'V'},
         {NULL, 0, NULL, 0},
     };
-    o->acts = calloc((size_t)argc, sizeof(*o->acts));
-    o->qmp = calloc((size_t)argc, sizeof(*o->qmp));
+    /* Room for every argument plus what the default setup adds. */
+    o->acts = calloc((size_t)argc + 4, sizeof(*o->acts));
+    o->qmp = calloc((size_t)argc + 4, sizeof(*o->qmp));
     if (!o->acts || !o->qmp) {
         abort();
     }
