@@ -126,6 +126,8 @@ static void stream_reset(QmpJsonStream *s)
 
 static void emit_error(QmpJsonStream *s, const char *fmt, ...)
     __attribute__((format(printf, 2, 3)));
+/* Syntax errors carry QEMU's "JSON parse error, " prefix; limit errors
+ * don't (QEMU words them that way too). */
 static void emit_error(QmpJsonStream *s, const char *fmt, ...)
 {
     char msg[256];
@@ -134,7 +136,8 @@ static void emit_error(QmpJsonStream *s, const char *fmt, ...)
     vsnprintf(msg, sizeof(msg), fmt, ap);
     va_end(ap);
     LamError *err = NULL;
-    lam_error_setg(&err, "JSON parse error, %s", msg);
+    bool limit = !strncmp(msg, "JSON ", 5);
+    lam_error_setg(&err, "%s%s", limit ? "" : "JSON parse error, ", msg);
     s->emit(s->opaque, NULL, err);
 }
 

@@ -243,3 +243,41 @@ def test_client_disconnect_mid_command(d):
     time.sleep(0.1)
     c2 = d.connect()
     assert "return" in c2.execute({"execute": "query-version"})
+
+
+def test_nesting_limit(d):
+    d.qmp.negotiate()
+    d.qmp.send_raw(b"[" * 1100 + b"]" * 1100)
+    r = d.qmp._read_msg(10)
+    assert err(r) == ("GenericError", "JSON nesting depth limit exceeded")
+    if d.flavor == "laminad":
+        # The rest of the oversized value is swallowed: still in sync.
+        assert d.qmp.execute({"execute": "query-version", "id": 1})["id"] == 1
+
+
+def test_token_size_limit(d):
+    if d.flavor == "qsd":
+        pytest.skip("QSD's limit is 64 MiB; ours is 16 MiB")
+    d.qmp.negotiate()
+    d.qmp.send_raw(b'{"execute": "query-version", "id": "' + b"x" * (17 << 20) + b'"}')
+    r = d.qmp._read_msg(30)
+    assert err(r) == ("GenericError", "JSON token size limit exceeded")
+    c = d.connect()
+    assert "return" in c.execute({"execute": "query-version"})
+
+
+def test_random_input_keeps_daemon_alive(d):
+    if d.flavor == "qsd":
+        pytest.skip("robustness of our own parser only")
+    import random
+    rnd = random.Random(1234)
+    pieces = [b"{", b"}", b"[", b"]", b":", b",", b'"execute"', b'"arguments"', b'"id"',
+              b'"blockdev-add"', b'"driver"', b'"null-co"', b"'x'", b"1", b"-", b"1e", b"true",
+              b"null", b"\\u", b'"\\ud800"', b"\xff", b"\x00", b" ", b'"node-name"']
+    for _ in range(300):
+        d.qmp.send_raw(b"".join(rnd.choice(pieces) for _ in range(rnd.randint(1, 30))))
+    d.qmp.send_raw(b'}]}]}]}]')
+    time.sleep(0.3)
+    c = d.connect()
+    assert "return" in c.execute({"execute": "query-version"})
+    assert d.proc.poll() is None
