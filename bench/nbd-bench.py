@@ -99,6 +99,12 @@ class Server:
         return "nbd+unix:///exp?socket=" + self.sock
 
 
+def cpu_ticks(pid):
+    with open("/proc/%d/stat" % pid) as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return int(fields[11]) + int(fields[12])  # utime + stime
+
+
 def fio(uri, rw, bs, numjobs, runtime):
     cmd = ["fio", "--name=b", "--ioengine=nbd", "--uri=" + uri, "--rw=" + rw,
            "--bs=" + bs, "--iodepth=16", "--numjobs=%d" % numjobs,
@@ -109,24 +115,42 @@ def fio(uri, rw, bs, numjobs, runtime):
         raise RuntimeError("fio failed: %s" % p.stderr)
     j = json.loads(p.stdout[p.stdout.index("{"):])["jobs"][0]
     side = j["read"] if "read" in rw else j["write"]
-    return side["iops"], side["bw_bytes"] / 1e6
+    return side["iops"], side["bw_bytes"] / 1e6, side["total_ios"]
 
 
 def nbdcopy(uri, size):
     t = time.time()
     subprocess.run(["nbdcopy", uri, "null:"], check=True, timeout=300)
-    return size / (time.time() - t) / 1e6
+    return size / (time.time() - t) / 1e6, 0
+
+
+def iops(rw, bs, nj):
+    def run(uri, runtime, size):
+        v = fio(uri, rw, bs, nj, runtime)
+        return v[0], v[2]
+    return run
+
+
+def mbps(rw, bs, nj):
+    def run(uri, runtime, size):
+        v = fio(uri, rw, bs, nj, runtime)
+        return v[1], v[2]
+    return run
+
+
+def copy(uri, runtime, size):
+    return nbdcopy(uri, size)[0], size >> 20  # CPU per MiB copied
 
 
 TESTS = [
-    # name, unit, runner(uri, runtime, size)
-    ("4k randread  nj1", "IOPS", lambda u, r, s: fio(u, "randread", "4k", 1, r)[0]),
-    ("4k randread  nj2", "IOPS", lambda u, r, s: fio(u, "randread", "4k", 2, r)[0]),
-    ("4k randwrite nj1", "IOPS", lambda u, r, s: fio(u, "randwrite", "4k", 1, r)[0]),
-    ("4k randwrite nj2", "IOPS", lambda u, r, s: fio(u, "randwrite", "4k", 2, r)[0]),
-    ("1M seq read", "MB/s", lambda u, r, s: fio(u, "read", "1M", 1, r)[1]),
-    ("1M seq write", "MB/s", lambda u, r, s: fio(u, "write", "1M", 1, r)[1]),
-    ("nbdcopy out", "MB/s", lambda u, r, s: nbdcopy(u, s)),
+    # name, unit, runner(uri, runtime, size) -> (value, ops for CPU/op)
+    ("4k randread  nj1", "IOPS", iops("randread", "4k", 1)),
+    ("4k randread  nj2", "IOPS", iops("randread", "4k", 2)),
+    ("4k randwrite nj1", "IOPS", iops("randwrite", "4k", 1)),
+    ("4k randwrite nj2", "IOPS", iops("randwrite", "4k", 2)),
+    ("1M seq read", "MB/s", mbps("read", "1M", 1)),
+    ("1M seq write", "MB/s", mbps("write", "1M", 1)),
+    ("nbdcopy out", "MB/s", copy),
 ]
 
 
@@ -150,6 +174,7 @@ def main():
     ap.add_argument("--size-mb", type=int, default=1024)
     ap.add_argument("--dir", default=None)
     ap.add_argument("--only", default=None, help="substring of test names")
+    ap.add_argument("--formats", default="qcow2,raw")
     args = ap.parse_args()
     for tool in ("fio", "nbdcopy", "qemu-storage-daemon", "qemu-img"):
         if not shutil.which(tool):
@@ -164,7 +189,9 @@ def main():
                 ("QSD qcow2", Server("qsd", qcow, "qcow2", d + "/qq.sock")),
                 ("lamina raw", Server("lamina", raw, "raw", d + "/lr.sock")),
                 ("QSD raw", Server("qsd", raw, "raw", d + "/qr.sock"))]
-        if have_nbdkit:
+        fmts = args.formats.split(",")
+        cols = [(c, s) for c, s in cols if s.fmt in fmts]
+        if have_nbdkit and "raw" in fmts:
             cols.append(("nbdkit raw", Server("nbdkit", raw, "raw", d + "/nk.sock")))
         servers = [s for _, s in cols]
         print("laminad: %s" % (LAMINAD if os.path.exists(LAMINAD) else
@@ -179,21 +206,31 @@ def main():
             if args.only and args.only not in name:
                 continue
             vals = {c: [] for c, _ in cols}
+            cpu = {c: [] for c, _ in cols}
             for _ in range(args.runs):
                 for c, s in cols:
                     s.start()
                     try:
-                        vals[c].append(fn(s.uri, args.runtime, size))
+                        t0 = cpu_ticks(s.proc.pid)
+                        v, ops = fn(s.uri, args.runtime, size)
+                        t1 = cpu_ticks(s.proc.pid)
+                        vals[c].append(v)
+                        # server CPU time per request (per MiB for nbdcopy)
+                        cpu[c].append((t1 - t0) * 1e6 / os.sysconf("SC_CLK_TCK")
+                                      / max(ops, 1))
                     finally:
                         s.stop()
             med = {c: statistics.median(v) for c, v in vals.items()}
-            results[name] = med
+            cpu_med = {c: statistics.median(v) for c, v in cpu.items()}
+            results[name] = {"value": med, "cpu_us_per_op": cpu_med}
             line = "%-18s %-5s" % (name, unit)
             line += "".join("%14.0f" % med[c] for c, _ in cols)
-            r1 = med["lamina qcow2"] / med["QSD qcow2"] if med["QSD qcow2"] else 0
-            r2 = med["lamina raw"] / med["QSD raw"] if med["QSD raw"] else 0
+            r1 = med.get("lamina qcow2", 0) / med.get("QSD qcow2", 1)
+            r2 = med.get("lamina raw", 0) / med.get("QSD raw", 1)
             line += "%9.2fx%9.2fx" % (r1, r2)
             print(line, flush=True)
+            print("%-18s %-5s" % ("  server CPU", "us/MB" if "nbdcopy" in name else "us/op") +
+                  "".join("%14.1f" % cpu_med[c] for c, _ in cols), flush=True)
         with open(os.path.join(ROOT, "bench", "nbd-bench-last.json"), "w") as f:
             json.dump(results, f, indent=1)
     finally:

@@ -62,7 +62,7 @@ typedef struct NbdReq {
 /* Payload bytes buffered for in-flight requests of one connection. */
 #define NBD_CONN_BUDGET (64u * 1024 * 1024)
 /* Slot buffers larger than this are freed after use. */
-#define NBD_SLOT_KEEP (256u * 1024)
+#define NBD_SLOT_KEEP (1024u * 1024)
 #define NBD_RBUF_SIZE (64u * 1024)
 
 struct NbdConn {

@@ -26,6 +26,10 @@ NbdServer nbd_srv = {
 };
 
 #define NBD_POOL_THREADS 64
+/* Requests mostly hit caches: a few hot workers beat a thread per request;
+ * requests queued for longer than the delay bring in more workers. */
+#define NBD_POOL_ACTIVE 3
+#define NBD_POOL_DELAY_US 200
 
 int64_t nbd_now_ms(void)
 {
@@ -329,6 +333,10 @@ static int start(const char *type, const char *host, const char *port,
         if (!nbd_srv.pool) {
             return -ENOMEM;
         }
+        const char *a = getenv("LAMINA_NBD_ACTIVE");
+        const char *d = getenv("LAMINA_NBD_DELAY_US");
+        lam_threadpool_set_pacing(nbd_srv.pool, a ? atoi(a) : NBD_POOL_ACTIVE,
+                                  d ? atoi(d) : NBD_POOL_DELAY_US);
     }
     const char *env = getenv("LAMINA_NBD_HANDSHAKE_TIMEOUT_MS");
     if (env && atoi(env) > 0) {

@@ -1,9 +1,14 @@
 /* Worker thread pool: a FIFO of intrusive tasks served by up to
  * max_threads detached workers that are created on demand and exit after
- * idle_ms without work. */
+ * idle_ms without work.
+ *
+ * Waking a sleeping thread costs more than a short task (a page-cache
+ * read), so with pacing only max_active tasks run at once and busy
+ * workers drain the queue back to back; a queue head older than delay_us
+ * means tasks are blocking, and then more workers join in. */
 #include <errno.h>
-#include <stdio.h>
 #include <pthread.h>
+#include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 #include <time.h>
@@ -11,64 +16,102 @@
 #include "lamina/threadpool.h"
 
 struct LamThreadPool {
-    /* lock protects every field below it; workers and submitters only. */
+    /* lock protects every field below it. */
     pthread_mutex_t lock;
-    pthread_cond_t work;     /* signalled when a task is queued or on stop */
+    pthread_cond_t work;     /* signalled when a worker should look */
     pthread_cond_t changed;  /* broadcast when a task ends or a worker exits */
     LamTask *head, *tail;
     int nqueued;             /* tasks in the FIFO */
     int nrunning;            /* tasks being run */
     int nthreads;            /* live workers */
     int nidle;               /* workers blocked in the work wait */
+    int nwoken;              /* woken or starting workers not yet looking */
     int max_threads;
+    int max_active;          /* pacing: eager limit on running tasks */
+    int delay_us;            /* pacing: queue age that adds workers */
     int idle_ms;
+    bool watcher;            /* an idle worker polls a paced queue */
     bool stopping;
     char name[16];
 };
+
+static int64_t now_us(void)
+{
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (int64_t)ts.tv_sec * 1000000 + ts.tv_nsec / 1000;
+}
+
+/* Locked.  Whether another task may start now. */
+static bool may_start(LamThreadPool *p, int64_t now)
+{
+    return p->head && (p->nrunning < p->max_active ||
+                       now - p->head->queued_us >= p->delay_us);
+}
+
+static void deadline_in(struct timespec *ts, int64_t us)
+{
+    clock_gettime(CLOCK_MONOTONIC, ts);
+    ts->tv_sec += us / 1000000;
+    ts->tv_nsec += (long)(us % 1000000) * 1000L;
+    if (ts->tv_nsec >= 1000000000L) {
+        ts->tv_sec++;
+        ts->tv_nsec -= 1000000000L;
+    }
+}
 
 static void *worker_main(void *opaque)
 {
     LamThreadPool *p = opaque;
 
     pthread_mutex_lock(&p->lock);
+    if (p->nwoken > 0) {
+        p->nwoken--; /* we were created to look at the queue */
+    }
     for (;;) {
-        while (!p->head && !p->stopping) {
-            struct timespec ts;
-            clock_gettime(CLOCK_REALTIME, &ts);
-            ts.tv_sec += p->idle_ms / 1000;
-            ts.tv_nsec += (long)(p->idle_ms % 1000) * 1000000L;
-            if (ts.tv_nsec >= 1000000000L) {
-                ts.tv_sec++;
-                ts.tv_nsec -= 1000000000L;
+        if (may_start(p, now_us()) || (p->stopping && p->head)) {
+            LamTask *t = p->head;
+            p->head = t->next;
+            if (!p->head) {
+                p->tail = NULL;
             }
-            p->nidle++;
-            int r = pthread_cond_timedwait(&p->work, &p->lock, &ts);
-            p->nidle--;
-            if (r == ETIMEDOUT && !p->head) {
-                goto out;
+            p->nqueued--;
+            p->nrunning++;
+            pthread_mutex_unlock(&p->lock);
+
+            t->fn(t);
+
+            pthread_mutex_lock(&p->lock);
+            p->nrunning--;
+            if (p->nrunning == 0 && p->nqueued == 0) {
+                pthread_cond_broadcast(&p->changed);
             }
+            continue;
         }
-        if (!p->head) {
-            break; /* stopping and nothing left */
+        if (p->stopping) {
+            break;
         }
-        LamTask *t = p->head;
-        p->head = t->next;
-        if (!p->head) {
-            p->tail = NULL;
+        /* With work queued but paced, look again once the head may have
+         * aged enough; otherwise sleep until woken or idle too long. */
+        struct timespec ts;
+        bool paced = p->head != NULL && !p->watcher;
+        if (paced) {
+            p->watcher = true; /* one poller is enough */
         }
-        p->nqueued--;
-        p->nrunning++;
-        pthread_mutex_unlock(&p->lock);
-
-        t->fn(t);
-
-        pthread_mutex_lock(&p->lock);
-        p->nrunning--;
-        if (p->nrunning == 0 && p->nqueued == 0) {
-            pthread_cond_broadcast(&p->changed);
+        deadline_in(&ts, paced ? p->delay_us : (int64_t)p->idle_ms * 1000);
+        p->nidle++;
+        int r = pthread_cond_timedwait(&p->work, &p->lock, &ts);
+        p->nidle--;
+        if (paced) {
+            p->watcher = false;
+        }
+        if (r != ETIMEDOUT && p->nwoken > 0) {
+            p->nwoken--;
+        }
+        if (r == ETIMEDOUT && !paced && !p->head && !p->stopping) {
+            break;
         }
     }
-out:
     p->nthreads--;
     pthread_cond_broadcast(&p->changed);
     pthread_mutex_unlock(&p->lock);
@@ -92,6 +135,7 @@ static int spawn_worker(LamThreadPool *p)
     }
     pthread_setname_np(th, p->name);
     p->nthreads++;
+    p->nwoken++;
     return 0;
 }
 
@@ -108,18 +152,34 @@ LamThreadPool *lam_threadpool_new(const char *name, int max_threads,
         lam_error_setg(errp, "Thread pool '%s': out of memory", name);
         return NULL;
     }
+    pthread_condattr_t ca;
+    pthread_condattr_init(&ca);
+    pthread_condattr_setclock(&ca, CLOCK_MONOTONIC);
     pthread_mutex_init(&p->lock, NULL);
-    pthread_cond_init(&p->work, NULL);
+    pthread_cond_init(&p->work, &ca);
     pthread_cond_init(&p->changed, NULL);
+    pthread_condattr_destroy(&ca);
     p->max_threads = max_threads;
+    p->max_active = max_threads;
+    p->delay_us = 0;
     p->idle_ms = idle_ms > 0 ? idle_ms : 10000;
     snprintf(p->name, sizeof(p->name), "%s", name);
     return p;
 }
 
+void lam_threadpool_set_pacing(LamThreadPool *p, int max_active, int delay_us)
+{
+    pthread_mutex_lock(&p->lock);
+    p->max_active = max_active < 1 ? 1 : max_active;
+    p->delay_us = delay_us < 1 ? 1 : delay_us;
+    pthread_mutex_unlock(&p->lock);
+}
+
 int lam_threadpool_submit(LamThreadPool *p, LamTask *task)
 {
     task->next = NULL;
+    int64_t now = now_us();
+    task->queued_us = now;
     pthread_mutex_lock(&p->lock);
     if (p->tail) {
         p->tail->next = task;
@@ -128,29 +188,33 @@ int lam_threadpool_submit(LamThreadPool *p, LamTask *task)
     }
     p->tail = task;
     p->nqueued++;
-    /* Grow when queued work outnumbers the workers that are free for it;
-     * a worker that fails to start is fine as long as some worker lives. */
-    if (p->nqueued > p->nidle && p->nthreads < p->max_threads) {
-        int r = spawn_worker(p);
-        if (r < 0 && p->nthreads == 0) {
-            /* Unqueue: nobody would ever run it. */
-            LamTask **pp = &p->head;
-            LamTask *prev = NULL;
-            while (*pp != task) {
-                prev = *pp;
-                pp = &(*pp)->next;
+    /* Get one more worker looking if the queued tasks outnumber the
+     * workers already on their way and pacing allows another start. */
+    if (p->nqueued > p->nwoken &&
+        (p->nrunning + p->nwoken < p->max_active ||
+         now - p->head->queued_us >= p->delay_us)) {
+        if (p->nidle > p->nwoken) {
+            p->nwoken++;
+            pthread_cond_signal(&p->work);
+        } else if (p->nthreads < p->max_threads) {
+            int r = spawn_worker(p);
+            if (r < 0 && p->nthreads == 0) {
+                /* Unqueue: nobody would ever run it. */
+                LamTask **pp = &p->head;
+                LamTask *prev = NULL;
+                while (*pp != task) {
+                    prev = *pp;
+                    pp = &(*pp)->next;
+                }
+                *pp = task->next;
+                if (p->tail == task) {
+                    p->tail = prev;
+                }
+                p->nqueued--;
+                pthread_mutex_unlock(&p->lock);
+                return r;
             }
-            *pp = task->next;
-            if (p->tail == task) {
-                p->tail = prev;
-            }
-            p->nqueued--;
-            pthread_mutex_unlock(&p->lock);
-            return r;
         }
-    }
-    if (p->nidle > 0) {
-        pthread_cond_signal(&p->work);
     }
     pthread_mutex_unlock(&p->lock);
     return 0;
