@@ -418,6 +418,9 @@ static int compare(Ck *c, bool fix_leaks)
             c->res->check_errors++;
             continue;
         }
+        if (rc) {
+            highest = ci; /* leaked clusters still end the image */
+        }
         if (rc == c->refs[ci]) {
             continue;
         }

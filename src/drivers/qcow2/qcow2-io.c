@@ -495,7 +495,7 @@ int qc_pwritev(LamNode *bs, int64_t off, int64_t bytes, LamIOV *qiov, int flags)
 
 /* ---- zeroing and discard ---- */
 
-enum { ZAP_ZERO, ZAP_ZERO_UNMAP, ZAP_DISCARD };
+enum { ZAP_ZERO, ZAP_ZERO_UNMAP, ZAP_DISCARD, ZAP_DEALLOC };
 
 /* Changes the entries of whole clusters in [off, off+bytes). */
 static int zap_clusters(Qcow2State *s, int64_t off, int64_t bytes, int mode)
@@ -513,8 +513,8 @@ static int zap_clusters(Qcow2State *s, int64_t off, int64_t bytes, int mode)
             return type;
         }
         /* Nothing to do where the result already reads right. */
-        bool skip = (type == QC_UNALLOC && !backing) ||
-                    (type == QC_ZERO_PLAIN && mode != ZAP_DISCARD) ||
+        bool skip = (type == QC_UNALLOC && (!backing || mode == ZAP_DEALLOC)) ||
+                    (type == QC_ZERO_PLAIN && mode != ZAP_DISCARD && mode != ZAP_DEALLOC) ||
                     (type == QC_ZERO_ALLOC && mode == ZAP_ZERO);
         if (!skip) {
             inflight_add(s, &e, off, run, QC_INFLIGHT_ALLOC);
@@ -535,7 +535,9 @@ static int zap_clusters(Qcow2State *s, int64_t off, int64_t bytes, int mode)
                 int64_t idx = (c0 + i) & (s->l2_entries - 1);
                 uint64_t old = qbe64(t + 8 * idx), ne;
                 Qcow2ClusterType ot = qc_entry_type(s, old);
-                if (mode == ZAP_DISCARD) {
+                if (mode == ZAP_DEALLOC) {
+                    ne = 0;
+                } else if (mode == ZAP_DISCARD) {
                     ne = backing && s->version >= 3 ? QCOW2_OFLAG_ZERO : 0;
                 } else if (s->version < 3) {
                     ne = 0; /* v2 without backing: unallocated reads zero */
@@ -650,6 +652,11 @@ int qc_pwrite_zeroes(LamNode *bs, int64_t off, int64_t bytes, int flags)
         ret = zero_as_data(s, b, off + bytes - b);
     }
     return ret;
+}
+
+int qc_deallocate(Qcow2State *s, int64_t off, int64_t bytes)
+{
+    return zap_clusters(s, off, bytes, ZAP_DEALLOC);
 }
 
 int qc_pdiscard(LamNode *bs, int64_t off, int64_t bytes)
