@@ -51,13 +51,13 @@ int qc_refcount_load_table(Qcow2State *s, LamError **errp)
     s->rt = calloc(s->rt_entries ? s->rt_entries : 1, sizeof(uint64_t));
     if (!buf || !s->rt) {
         free(buf);
-        lam_error_setg(errp, "Could not open '%s': Cannot allocate memory", s->name);
+        lam_error_setg(errp, "Cannot allocate memory");
         return -ENOMEM;
     }
     int ret = bytes ? lam_co_pread(s->file, (int64_t)s->rt_offset, (int64_t)bytes, buf, 0) : 0;
     if (ret < 0) {
         free(buf);
-        lam_error_setg_errno(errp, ret, "Could not open '%s': Could not read refcount table", s->name);
+        lam_error_setg_errno(errp, ret, "Could not read refcount table");
         return ret;
     }
     for (int64_t i = 0; i < s->rt_entries; i++) {

@@ -264,7 +264,9 @@ typedef struct Hdr {
     uint32_t crypt;
 } Hdr;
 
-#define FAIL(fmt, ...) do { lam_error_setg(errp, "Could not open '%s': " fmt, s->name, ##__VA_ARGS__); ret = -EINVAL; goto fail; } while (0)
+/* Open errors carry the bare reason, as QEMU's do: blockdev-add shows it
+ * as is and the tools prefix "Could not open 'file': ". */
+#define FAIL(...) do { lam_error_setg(errp, __VA_ARGS__); ret = -EINVAL; goto fail; } while (0)
 
 static int read_extensions(Qcow2State *s, const uint8_t *c0, int64_t end,
                            LamNode *bs, LamError **errp)
@@ -350,7 +352,7 @@ static int check_snapshots(Qcow2State *s, int64_t file_len, LamError **errp)
     ret = lam_co_pread(s->file, (int64_t)s->snapshots_offset, avail, t, 0);
     if (ret < 0) {
         free(t);
-        lam_error_setg_errno(errp, ret, "Could not open '%s': Could not read snapshot table", s->name);
+        lam_error_setg_errno(errp, ret, "Could not read snapshot table");
         return ret;
     }
     int64_t p = 0;
@@ -400,7 +402,7 @@ static int qcow2_open(LamNode *bs, json_t *opts, int flags, LamError **errp)
     s->read_only = !(flags & LAM_O_RDWR);
     int64_t file_len = lam_node_length(s->file->node);
     if (file_len < 0) {
-        lam_error_setg_errno(errp, (int)file_len, "Could not open '%s'", s->name);
+        lam_error_setg_errno(errp, (int)file_len, "Could not get the size of the image file");
         ret = (int)file_len;
         goto fail;
     }
@@ -411,7 +413,7 @@ static int qcow2_open(LamNode *bs, json_t *opts, int flags, LamError **errp)
     }
     ret = lam_co_pread(s->file, 0, file_len < 112 ? file_len : 112, h, 0);
     if (ret < 0) {
-        lam_error_setg_errno(errp, ret, "Could not open '%s': Could not read qcow2 header", s->name);
+        lam_error_setg_errno(errp, ret, "Could not read qcow2 header");
         goto fail;
     }
     if (qbe32(h) != QCOW2_MAGIC) {
@@ -465,7 +467,7 @@ static int qcow2_open(LamNode *bs, json_t *opts, int flags, LamError **errp)
     }
     ret = lam_co_pread(s->file, 0, c0len, c0, 0);
     if (ret < 0) {
-        lam_error_setg_errno(errp, ret, "Could not open '%s': Could not read qcow2 header", s->name);
+        lam_error_setg_errno(errp, ret, "Could not read qcow2 header");
         goto fail;
     }
     memcpy(s->header_raw, c0, s->header_length);
@@ -595,7 +597,7 @@ static int qcow2_open(LamNode *bs, json_t *opts, int flags, LamError **errp)
         }
         free(buf);
         if (ret < 0) {
-            lam_error_setg_errno(errp, ret, "Could not open '%s': Could not read L1 table", s->name);
+            lam_error_setg_errno(errp, ret, "Could not read L1 table");
             goto fail;
         }
     }
@@ -634,12 +636,12 @@ static int qcow2_open(LamNode *bs, json_t *opts, int flags, LamError **errp)
                 ret = -EIO;
             }
             if (ret < 0) {
-                lam_error_setg_errno(errp, ret, "Could not open '%s': Could not repair dirty image", s->name);
+                lam_error_setg_errno(errp, ret, "Could not repair dirty image");
                 goto fail;
             }
             ret = mark_clean(s);
             if (ret < 0) {
-                lam_error_setg_errno(errp, ret, "Could not open '%s': Could not update header", s->name);
+                lam_error_setg_errno(errp, ret, "Could not update header");
                 goto fail;
             }
         }
@@ -652,7 +654,7 @@ static int qcow2_open(LamNode *bs, json_t *opts, int flags, LamError **errp)
                 ret = lam_co_flush(s->file);
             }
             if (ret < 0) {
-                lam_error_setg_errno(errp, ret, "Could not open '%s': Could not update header", s->name);
+                lam_error_setg_errno(errp, ret, "Could not update header");
                 goto fail;
             }
         }
