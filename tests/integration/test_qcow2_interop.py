@@ -311,3 +311,21 @@ def test_check_repairs_refcount_errors(tmp_path):
     assert json.loads(p.stdout)["corruptions-fixed"] >= 1
     assert_clean(img)
     qemu_io(img, "read -P 0x11 0 1M")
+
+
+def test_persistent_bitmaps_kept_consistent(tmp_path):
+    img = str(tmp_path / "bm.qcow2")
+    qemu_img("create", "-f", "qcow2", img, "16M")
+    qemu_io(img, "write 0 1M")
+    qemu_img("bitmap", "--add", img, "b0")
+    q = json.loads(qemu_img("info", "--output=json", img).stdout)
+    ours = json.loads(tool("-r", img, "info").stdout)
+    assert ours["format-specific"] == q["format-specific"]
+    # a read-write user that does not update bitmaps flags them in-use;
+    # their clusters stay accounted for
+    tool(img, "write:2M:1M:0x11")
+    assert_clean(img)
+    q = json.loads(qemu_img("info", "--output=json", img).stdout)
+    assert q["format-specific"]["data"]["bitmaps"][0]["flags"] == ["in-use", "auto"]
+    ours = json.loads(tool("-r", img, "info").stdout)
+    assert ours["format-specific"] == q["format-specific"]

@@ -382,6 +382,36 @@ fail:
 
 static void free_state(Qcow2State *s);
 
+/* Persistent bitmaps are not updated by this driver: on a read-write open
+ * they are flagged in-use (inconsistent), which keeps their clusters
+ * accounted for, as QEMU does for bitmaps it cannot store back. */
+static int mark_bitmaps_in_use(Qcow2State *s)
+{
+    int64_t sz = (int64_t)s->bitmaps_dir_size;
+    if (!s->has_bitmaps_ext || sz <= 0 || sz > 64 * 1024 * 1024 ||
+        (s->bitmaps_dir_offset & (s->cluster_size - 1)) ||
+        (int64_t)s->bitmaps_dir_offset + sz > s->file_end) {
+        return -EINVAL;
+    }
+    uint8_t *d = malloc(sz);
+    if (!d) {
+        return -ENOMEM;
+    }
+    int ret = lam_co_pread(s->file, (int64_t)s->bitmaps_dir_offset, sz, d, 0);
+    for (int64_t p = 0; ret == 0 && p + 24 <= sz;) {
+        qst32(d + p + 12, qbe32(d + p + 12) | 1);
+        p += qc_align_up(24 + (int64_t)qbe32(d + p + 20) + qbe16(d + p + 18), 8);
+    }
+    if (ret == 0) {
+        ret = lam_co_pwrite(s->file, (int64_t)s->bitmaps_dir_offset, sz, d, 0);
+    }
+    if (ret == 0) {
+        ret = lam_co_flush(s->file);
+    }
+    free(d);
+    return ret;
+}
+
 static int qcow2_open(LamNode *bs, json_t *opts, int flags, LamError **errp)
 {
     Qcow2State *s = bs->opaque;
@@ -645,11 +675,15 @@ static int qcow2_open(LamNode *bs, json_t *opts, int flags, LamError **errp)
                 goto fail;
             }
         }
-        if (s->autoclear) {
-            /* We maintain none of the auto-clear features (bitmaps): clear
-             * them before writing, as the specification demands. */
-            s->autoclear = 0;
-            ret = qc_write_header_field(s, 88, 8, 0);
+        uint64_t keep = 0;
+        if ((s->autoclear & QCOW2_AUTOCLEAR_BITMAPS) && mark_bitmaps_in_use(s) == 0) {
+            keep = QCOW2_AUTOCLEAR_BITMAPS;
+        }
+        if (s->autoclear & ~keep) {
+            /* Auto-clear features we do not maintain are cleared before
+             * writing, as the specification demands. */
+            s->autoclear &= keep;
+            ret = qc_write_header_field(s, 88, 8, s->autoclear);
             if (ret == 0) {
                 ret = lam_co_flush(s->file);
             }
@@ -746,6 +780,45 @@ static void qcow2_refresh_limits(LamNode *bs)
     bs->bl.opt_transfer = (uint32_t)s->cluster_size;
 }
 
+/* The bitmap directory as qemu-img info shows it (NULL if none). */
+static json_t *bitmaps_info(Qcow2State *s)
+{
+    int64_t sz = (int64_t)s->bitmaps_dir_size;
+    if (!s->has_bitmaps_ext || !(s->autoclear & QCOW2_AUTOCLEAR_BITMAPS) || sz <= 0 ||
+        sz > 64 * 1024 * 1024 || (int64_t)s->bitmaps_dir_offset + sz > s->file_end) {
+        return NULL;
+    }
+    uint8_t *d = malloc(sz);
+    if (!d || lam_co_pread(s->file, (int64_t)s->bitmaps_dir_offset, sz, d, 0) < 0) {
+        free(d);
+        return NULL;
+    }
+    json_t *list = json_array();
+    for (int64_t p = 0; p + 24 <= sz;) {
+        uint32_t flags = qbe32(d + p + 12);
+        uint16_t nlen = qbe16(d + p + 18);
+        int64_t name_off = p + 24 + qbe32(d + p + 20);
+        if (name_off + nlen > sz || d[p + 17] > 63) {
+            break;
+        }
+        json_t *f = json_array();
+        if (flags & 1) {
+            json_array_append_new(f, json_string("in-use"));
+        }
+        if (flags & 2) {
+            json_array_append_new(f, json_string("auto"));
+        }
+        char *name = strndup((const char *)d + name_off, nlen);
+        json_array_append_new(list, json_pack("{s:o, s:s, s:I}", "flags", f, "name",
+                                              name ? name : "", "granularity",
+                                              (json_int_t)(1ll << d[p + 17])));
+        free(name);
+        p = qc_align_up(name_off + nlen, 8);
+    }
+    free(d);
+    return list;
+}
+
 static int qcow2_get_info(LamNode *bs, json_t *out, LamError **errp)
 {
     Qcow2State *s = bs->opaque;
@@ -766,6 +839,10 @@ static int qcow2_get_info(LamNode *bs, json_t *out, LamError **errp)
         json_object_set_new(data, "compression-type",
                             json_string(s->compression_type ? "zstd" : "zlib"));
         json_object_set_new(data, "lazy-refcounts", json_boolean(s->lazy_refcounts));
+        json_t *bm = bitmaps_info(s);
+        if (bm) {
+            json_object_set_new(data, "bitmaps", bm);
+        }
         json_object_set_new(data, "refcount-bits", json_integer(s->refcount_bits));
         json_object_set_new(data, "corrupt", json_boolean(corrupt));
         json_object_set_new(data, "extended-l2", json_false());
