@@ -500,6 +500,12 @@ int64_t qc_alloc_bytes(Qcow2State *s, int64_t len)
         int64_t cl = qc_start_of_cluster(s, s->free_byte_offset);
         if (s->free_byte_offset + len <= cl + cs) {
             int ret = qc_update_refcount(s, cl, 1, 1);
+            if (ret == -ERANGE) {
+                /* Refcount at its maximum (e.g. 1-bit refcounts): start
+                 * a new cluster instead of sharing this one. */
+                s->free_byte_offset = 0;
+                goto fresh;
+            }
             if (ret < 0) {
                 return ret;
             }
@@ -509,6 +515,7 @@ int64_t qc_alloc_bytes(Qcow2State *s, int64_t len)
             return off;
         }
     }
+fresh:;
     int64_t off = qc_alloc_clusters(s, 1);
     if (off < 0) {
         return off;
