@@ -41,9 +41,19 @@ static int parse_opts(json_t *o, CreateOpts *c, bool need_size, LamError **errp)
     c->backing = lam_opt_str(o, "backing-file", NULL);
     c->backing_fmt = lam_opt_str(o, "backing-fmt", NULL);
     const char *ct = lam_opt_str(o, "compression-type", "zlib");
+    bool extl2 = lam_opt_bool(o, "extended-l2", false, &local);
     if (local) {
         lam_error_propagate(errp, local);
         return -EINVAL;
+    }
+    if (extl2) {
+        lam_error_setg(errp, "Extended L2 entries are not supported");
+        return -ENOTSUP;
+    }
+    if (json_object_get(o, "data-file") || json_object_get(o, "encrypt")) {
+        lam_error_setg(errp, "%s is not supported",
+                       json_object_get(o, "data-file") ? "External data file" : "Encryption");
+        return -ENOTSUP;
     }
     if (need_size && c->size < 0) {
         lam_error_setg(errp, "Parameter 'size' is missing");

@@ -10,6 +10,8 @@
 
 #include "lamina/block.h"
 #include "lamina/driver.h"
+#include "lamina/events.h"
+#include <errno.h>
 
 static int test_no;
 static int failures;
@@ -248,6 +250,58 @@ static void concurrency(const char *dir, int64_t cs, bool backing)
     unlink(bpath);
 }
 
+static int events_seen;
+static char event_msg[256];
+
+static void sink(const char *name, json_t *data)
+{
+    if (!strcmp(name, "BLOCK_IMAGE_CORRUPTED") && json_is_true(json_object_get(data, "fatal"))) {
+        events_seen++;
+        snprintf(event_msg, sizeof(event_msg), "%s",
+                 json_string_value(json_object_get(data, "msg")));
+    }
+    json_decref(data);
+}
+
+/* An L2 entry pointing past the end of the file: the read fails, the
+ * image is marked corrupt, the event is raised and writes are refused. */
+static void runtime_corruption(const char *dir)
+{
+    char path[256];
+    snprintf(path, sizeof(path), "%s/corrupt.qcow2", dir);
+    LamError *err = NULL;
+    lam_create_image(path, "qcow2", 1 << 20, NULL, &err);
+    LamChild *c;
+    LamNode *bs = open_img(path, true, &c);
+    wr(c, 0, 4096, 1, 0);
+    close_img(bs, c);
+    /* cluster 0: header, 1: refcount table, 2: refcount block, 3: L1, 4: L2 */
+    FILE *f = fopen(path, "r+b");
+    uint8_t e[8] = {0x80, 0, 0, 0x10, 0, 0, 0, 0};
+    fseek(f, 4 * 65536, SEEK_SET);
+    fwrite(e, 1, 8, f);
+    fclose(f);
+    lam_event_set_sink(sink);
+    bs = open_img(path, true, &c);
+    uint8_t buf[512];
+    ok(bs && lam_co_pread(c, 0, 512, buf, 0) == -EIO, "corrupt L2 entry: read fails with EIO");
+    ok(events_seen == 1 && strstr(event_msg, "beyond end of file"),
+       "BLOCK_IMAGE_CORRUPTED emitted (%s)", event_msg);
+    ok(lam_co_pwrite(c, 65536, 512, buf, 0) == -EIO, "writes refused after corruption");
+    json_t *info = json_object();
+    lam_node_get_info(bs, info, NULL);
+    json_t *d = json_object_get(json_object_get(info, "format-specific"), "data");
+    ok(json_is_true(json_object_get(d, "corrupt")), "info shows corrupt");
+    json_decref(info);
+    close_img(bs, c);
+    lam_event_set_sink(NULL);
+    bs = lam_open_image(path, "qcow2", LAM_O_RDWR, NULL, &err);
+    ok(!bs && err && strstr(err->msg, "Image is corrupt; cannot be opened read/write"),
+       "read-write open refused: %s", err ? err->msg : "");
+    lam_error_free(err);
+    unlink(path);
+}
+
 int main(void)
 {
     char dir[] = "/tmp/qcow2-unit-XXXXXX";
@@ -266,6 +320,7 @@ int main(void)
     concurrency(dir, 4096, false);
     concurrency(dir, 65536, false);
     concurrency(dir, 8192, true);
+    runtime_corruption(dir);
     rmdir(dir);
     printf("1..%d\n", test_no);
     return failures ? 1 : 0;
