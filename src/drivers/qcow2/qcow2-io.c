@@ -443,10 +443,28 @@ int qc_pwritev(LamNode *bs, int64_t off, int64_t bytes, LamIOV *qiov, int flags)
         return s->read_only ? -EACCES : -EIO;
     }
     if (flags & LAM_REQ_WRITE_COMPRESSED) {
-        int ret = write_compressed(s, off, bytes, qiov);
-        if (ret <= 0) {
-            return ret;
+        /* Cluster by cluster; a cluster that does not shrink is written
+         * normally. */
+        int64_t cs = s->cluster_size;
+        if ((off & (cs - 1)) || ((bytes & (cs - 1)) && off + bytes != atomic_load(&s->size))) {
+            return -EINVAL;
         }
+        for (int64_t done = 0; done < bytes;) {
+            int64_t n = bytes - done < cs ? bytes - done : cs;
+            LamIOV sub;
+            lam_iov_init(&sub, 4);
+            lam_iov_concat(&sub, qiov, (size_t)done, (size_t)n);
+            int ret = write_compressed(s, off + done, n, &sub);
+            if (ret == 1) {
+                ret = qc_pwritev(bs, off + done, n, &sub, flags & ~LAM_REQ_WRITE_COMPRESSED);
+            }
+            lam_iov_destroy(&sub);
+            if (ret < 0) {
+                return ret;
+            }
+            done += n;
+        }
+        return 0;
     }
     size_t pos = 0;
     int ret = 0;
