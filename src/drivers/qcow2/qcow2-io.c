@@ -93,6 +93,18 @@ void qc_wait_grace(Qcow2State *s, int64_t a, int64_t b, uint64_t seq)
     }
 }
 
+/* The part [pos, pos+len) of qiov: qiov itself when that is all of it
+ * (the common case: no allocation on the fast path). */
+static LamIOV *sub_iov(LamIOV *sub, LamIOV *qiov, size_t pos, int64_t len)
+{
+    if (pos == 0 && (size_t)len == qiov->size) {
+        return qiov;
+    }
+    lam_iov_init(sub, qiov->niov + 1);
+    lam_iov_concat(sub, qiov, pos, (size_t)len);
+    return sub;
+}
+
 /* ---- reading ---- */
 
 static int read_backing(Qcow2State *s, int64_t off, int64_t len, LamIOV *qiov,
@@ -192,13 +204,13 @@ int qc_preadv(LamNode *bs, int64_t off, int64_t bytes, LamIOV *qiov, int flags)
             lam_iov_memset(qiov, pos, 0, (size_t)run);
             break;
         case QC_NORMAL: {
-            LamIOV sub;
-            lam_iov_init(&sub, 4);
-            lam_iov_concat(&sub, qiov, pos, (size_t)run);
+            LamIOV sub, *v = sub_iov(&sub, qiov, pos, run);
             ret = lam_co_preadv(s->file,
                                 (int64_t)(entry & QCOW2_L2_OFFSET_MASK) + (off & (s->cluster_size - 1)),
-                                run, &sub, 0);
-            lam_iov_destroy(&sub);
+                                run, v, 0);
+            if (v == &sub) {
+                lam_iov_destroy(&sub);
+            }
             break;
         }
         case QC_COMPRESSED:
@@ -477,13 +489,13 @@ int qc_pwritev(LamNode *bs, int64_t off, int64_t bytes, LamIOV *qiov, int flags)
         if (type == QC_NORMAL && (entry & QCOW2_OFLAG_COPIED)) {
             inflight_add(s, &e, off, run, QC_INFLIGHT_IO);
             pthread_mutex_unlock(&s->lock);
-            LamIOV sub;
-            lam_iov_init(&sub, 4);
-            lam_iov_concat(&sub, qiov, pos, (size_t)run);
+            LamIOV sub, *v = sub_iov(&sub, qiov, pos, run);
             ret = lam_co_pwritev(s->file,
                                  (int64_t)(entry & QCOW2_L2_OFFSET_MASK) + (off & (s->cluster_size - 1)),
-                                 run, &sub, 0);
-            lam_iov_destroy(&sub);
+                                 run, v, 0);
+            if (v == &sub) {
+                lam_iov_destroy(&sub);
+            }
             pthread_mutex_lock(&s->lock);
             inflight_del(s, &e);
         } else if (type >= 0) {
