@@ -2,8 +2,9 @@
 """Runs every test suite and ends with the line 'TOTAL: N passed, N failed'.
 
 Suites: C unit tests (meson test) in build/, the same unit tests under
-ASan+UBSan in build-asan/ (if configured), and the Python integration
-tests (pytest) against build/.  Usage: tests/run.py [--quick]
+ASan+UBSan in build-asan/, the tests of suite 'concurrency' under TSan in
+build-tsan/ (each if configured), and the Python integration tests
+(pytest) against build/.  Usage: tests/run.py [--quick]
 """
 import json
 import os
@@ -16,7 +17,7 @@ import xml.etree.ElementTree as ET
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def meson_unit(builddir, label):
+def meson_unit(builddir, label, suite="unit"):
     if not os.path.exists(os.path.join(ROOT, builddir, "build.ninja")):
         print(f"== {label}: {builddir} not configured, skipped")
         return 0, 0
@@ -24,8 +25,9 @@ def meson_unit(builddir, label):
     env = dict(os.environ)
     env.setdefault("ASAN_OPTIONS", "detect_leaks=1:abort_on_error=1")
     env.setdefault("UBSAN_OPTIONS", "print_stacktrace=1:halt_on_error=1")
+    env.setdefault("TSAN_OPTIONS", "halt_on_error=1:second_deadlock_stack=1")
     p = subprocess.run(["meson", "test", "-C", builddir, "--print-errorlogs",
-                        "--suite", "unit", "--num-processes", "2"],
+                        "--suite", suite, "--num-processes", "2"],
                        cwd=ROOT, env=env, capture_output=True, text=True)
     out = p.stdout + p.stderr
     print(out[-20000:])
@@ -85,8 +87,10 @@ def pytest_suite(paths, label, extra_env=None):
 
 def main():
     total_p = total_f = 0
-    for builddir, label in (("build", "unit"), ("build-asan", "unit (ASan+UBSan)")):
-        p, f = meson_unit(builddir, label)
+    for builddir, label, suite in (("build", "unit", "unit"),
+                                   ("build-asan", "unit (ASan+UBSan)", "unit"),
+                                   ("build-tsan", "concurrency (TSan)", "concurrency")):
+        p, f = meson_unit(builddir, label, suite)
         total_p += p
         total_f += f
     paths = [a for a in sys.argv[1:] if not a.startswith("--")] or ["tests/integration"]
