@@ -327,6 +327,7 @@ int img_convert(int argc, char **argv)
             ret = 0;
             goto out_opts;
         default:
+            img_help_hint();
             goto out_opts;
         }
     }
@@ -340,6 +341,7 @@ int img_convert(int argc, char **argv)
     }
     if (argc - optind < 2) {
         img_error("Expecting image file name");
+        img_help_hint();
         goto out_opts;
     }
     if (argc - optind > 2) {

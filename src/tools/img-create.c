@@ -137,6 +137,7 @@ int img_create(int argc, char **argv)
             ret = 0;
             goto out;
         default:
+            img_help_hint();
             goto out;
         }
     }
@@ -147,6 +148,7 @@ int img_create(int argc, char **argv)
     }
     if (optind >= argc) {
         img_error("Expecting image file name");
+        img_help_hint();
         goto out;
     }
     const char *filename = argv[optind++];
