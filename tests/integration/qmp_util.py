@@ -119,6 +119,8 @@ class QMPClient:
             raise EOFError("connection closed during " + name)
         if "error" in r:
             raise QMPError(r)
+        if "return" not in r:
+            raise RuntimeError(f"unexpected reply to {name}: {r}")
         return r["return"]
 
     def negotiate(self):
