@@ -35,6 +35,7 @@ typedef struct Config {
     int64_t size, cluster;
     int refcount_bits;
     int nops;
+    int threads;
     uint64_t seed;
     int random_per_interval;
     int max_random;
@@ -92,7 +93,8 @@ static void usage(void)
 "  --size N                guest size in bytes (8M)\n"
 "  --cluster-size N        qcow2 cluster size (512)\n"
 "  --refcount-bits N       qcow2 refcount width (16)\n"
-"  --ops N                 guest operations (300)\n"
+"  --ops N                 guest operations per thread (300)\n"
+"  --threads N             guest threads on disjoint stripes (1, max 8)\n"
 "  --seed N                workload and cut seed (1)\n"
 "  --random-cuts N         random cuts per flush interval (2)\n"
 "  --max-random-cuts N     cap on random cuts (2000)\n"
@@ -128,7 +130,7 @@ static int parse_args(Config *c, int argc, char **argv)
     static const struct option lo[] = {
         { "format", 1, 0, 'f' }, { "size", 1, 0, 's' },
         { "cluster-size", 1, 0, 'c' }, { "refcount-bits", 1, 0, 'R' },
-        { "ops", 1, 0, 'o' }, { "seed", 1, 0, 'S' },
+        { "ops", 1, 0, 'o' }, { "seed", 1, 0, 'S' }, { "threads", 1, 0, 'T' },
         { "random-cuts", 1, 0, 'r' }, { "max-random-cuts", 1, 0, 'm' },
         { "qemu-every", 1, 0, 'q' }, { "no-qemu", 0, 0, 'Q' },
         { "create", 1, 0, 'C' }, { "cheat", 1, 0, 'X' },
@@ -138,7 +140,7 @@ static int parse_args(Config *c, int argc, char **argv)
         { 0, 0, 0, 0 },
     };
     *c = (Config){ .fmt = "qcow2", .size = 8 << 20, .cluster = 512,
-                   .refcount_bits = 16, .nops = 300, .seed = 1,
+                   .refcount_bits = 16, .nops = 300, .seed = 1, .threads = 1,
                    .random_per_interval = 2, .max_random = 2000,
                    .qemu_every = 1, .max_report = 10 };
     int opt;
@@ -149,6 +151,7 @@ static int parse_args(Config *c, int argc, char **argv)
         case 'c': c->cluster = parse_size(optarg); break;
         case 'R': c->refcount_bits = atoi(optarg); break;
         case 'o': c->nops = atoi(optarg); break;
+        case 'T': c->threads = atoi(optarg); break;
         case 'S': c->seed = strtoull(optarg, NULL, 0); break;
         case 'r': c->random_per_interval = atoi(optarg); break;
         case 'm': c->max_random = atoi(optarg); break;
@@ -175,7 +178,10 @@ static int parse_args(Config *c, int argc, char **argv)
         return -1;
     }
     if (c->cluster < 512 || (c->cluster & (c->cluster - 1)) ||
-        c->size < 4 * c->cluster || c->size % 512 || c->nops < 1) {
+        c->size < 4 * c->cluster || c->size % 512 || c->nops < 1 ||
+        c->threads < 1 || c->threads > CRASH_MAX_THREADS ||
+        (c->threads > 1 && c->size < 4 * c->threads *
+                          (c->cluster * 16 > 65536 ? c->cluster * 16 : 65536))) {
         fprintf(stderr, "bad size/cluster-size/ops\n");
         return -1;
     }
@@ -273,26 +279,6 @@ static int record_workload(Ctx *x, CrashRec *rec)
 
 /* ---- judging cuts ---- */
 
-/* Ops [0, *durable) must read back; ops [*durable, *started) may have
- * left their data. */
-static void op_window(const Ctx *x, size_t pos, int *durable, int *started)
-{
-    int d = 0, s = 0;
-    for (int i = 0; i < x->w.nops; i++) {
-        const GuestOp *op = &x->w.ops[i];
-        if (op->log_start < pos) {
-            s = i + 1;
-        }
-        /* A guest flush all of whose file I/O precedes the crash had
-         * returned: everything before it must be on disk. */
-        if (op->type == G_FLUSH && op->ret == 0 && op->log_end <= pos) {
-            d = i;
-        }
-    }
-    *durable = d;
-    *started = s > d ? s : d;
-}
-
 static void keep_image(const Ctx *x, const char *tag, int n, const uint8_t *img,
                        int64_t len)
 {
@@ -306,12 +292,15 @@ static void keep_image(const Ctx *x, const char *tag, int n, const uint8_t *img,
     }
 }
 
-static int last_writer(const Workload *w, int upto, int64_t b)
+/* The last durable op that touched guest byte b (-1: none). */
+static int last_writer(const Workload *w, const OpWindow *win, int64_t b)
 {
-    for (int i = upto - 1; i >= 0; i--) {
-        const GuestOp *op = &w->ops[i];
-        if (op->type != G_FLUSH && b >= op->off && b < op->off + op->len) {
-            return i;
+    for (int t = 0; t < w->p.nthreads; t++) {
+        for (int i = win->durable[t] - 1; i >= w->tstart[t]; i--) {
+            const GuestOp *op = &w->ops[i];
+            if (op->type != G_FLUSH && b >= op->off && b < op->off + op->len) {
+                return i;
+            }
         }
     }
     return -1;
@@ -337,12 +326,11 @@ static void describe_cut(const Cut *c, int n, const char *what)
             what);
 }
 
-static void verify_content(Ctx *x, const Cut *c, int n, int durable, int started,
+static void verify_content(Ctx *x, const Cut *c, int n, const OpWindow *win,
                            const char *reader, bool *failed)
 {
     int64_t first_bad;
-    int64_t bad = model_verify(&x->model, &x->w, durable, started, x->got,
-                               &first_bad);
+    int64_t bad = model_verify(&x->model, &x->w, win, x->got, &first_bad);
     if (bad == 0) {
         return;
     }
@@ -350,16 +338,18 @@ static void verify_content(Ctx *x, const Cut *c, int n, int durable, int started
     x->st.durability_failures++;
     if (should_report(x)) {
         char m[512];
-        int lw = last_writer(&x->w, durable, first_bad);
+        int lw = last_writer(&x->w, win, first_bad);
+        const GuestOp *op = lw >= 0 ? &x->w.ops[lw] : NULL;
         snprintf(m, sizeof(m),
                  "%s read-back: %lld bytes differ from every allowed value, "
                  "first at guest offset %lld (got 0x%02x, expected 0x%02x; "
-                 "last durable op there: #%d %s; durable ops 0..%d, "
-                 "in flight up to %d)", reader, (long long)bad,
+                 "last durable op there: #%d %s [%lld, +%lld) thread %d, "
+                 "logged at file entries [%zu, %zu))", reader, (long long)bad,
                  (long long)first_bad, x->got[first_bad],
                  x->model.val[first_bad], lw,
-                 lw >= 0 ? op_name(x->w.ops[lw].type) : "none", durable - 1,
-                 started - 1);
+                 op ? op_name(op->type) : "none", op ? (long long)op->off : 0LL,
+                 op ? (long long)op->len : 0LL, op ? op->thread : -1,
+                 op ? op->log_start : 0, op ? op->log_end : 0);
         describe_cut(c, n, m);
     }
 }
@@ -372,13 +362,12 @@ static int judge_cut(Ctx *x, Replay *rp, const Cut *c, int n, bool run_qemu)
         fprintf(stderr, "write %s: %s\n", x->cut_path, strerror(-ret));
         return ret;
     }
-    int durable, started;
-    op_window(x, c->pos, &durable, &started);
-    if (durable < x->model.applied) {
+    OpWindow win;
+    model_window(&x->w, c->pos, &win);
+    if (model_advance(&x->model, &x->w, &win) < 0) {
         fprintf(stderr, "internal error: cuts out of order\n");
         return -EINVAL;
     }
-    model_advance(&x->model, &x->w, durable);
 
     CheckCounts cc;
     check_ours(x->cut_path, x->cfg.fmt, &cc);
@@ -424,7 +413,7 @@ static int judge_cut(Ctx *x, Replay *rp, const Cut *c, int n, bool run_qemu)
     ret = read_guest_ours(x->cut_path, x->cfg.fmt, x->got, x->cfg.size, &err);
     if (ret == 0) {
         x->st.ours_read++;
-        verify_content(x, c, n, durable, started, "our", &failed);
+        verify_content(x, c, n, &win, "our", &failed);
     } else {
         failed = true;
         x->st.read_failures++;
@@ -441,7 +430,7 @@ static int judge_cut(Ctx *x, Replay *rp, const Cut *c, int n, bool run_qemu)
                               x->cfg.size, &err);
         if (ret == 0) {
             x->st.qemu_read++;
-            verify_content(x, c, n, durable, started, "qemu-img convert", &failed);
+            verify_content(x, c, n, &win, "qemu-img convert", &failed);
         } else {
             failed = true;
             x->st.read_failures++;
@@ -540,8 +529,9 @@ static void summary(const Ctx *x)
 {
     const Stats *s = &x->st;
     printf("crash test: format %s, cluster %lld, refcount-bits %d, guest %lld bytes,"
-           " %d ops, seed %llu%s\n", x->cfg.fmt, (long long)x->cfg.cluster,
-           x->cfg.refcount_bits, (long long)x->cfg.size, x->w.nops,
+           " %d ops in %d threads, seed %llu%s\n", x->cfg.fmt,
+           (long long)x->cfg.cluster, x->cfg.refcount_bits,
+           (long long)x->cfg.size, x->w.nops, x->w.p.nthreads,
            (unsigned long long)x->cfg.seed,
            x->cfg.cheat ? ", CHEAT drop-flushed" : "");
     printf("  recorded: %zu file entries, %zu flushes, %llu bytes written, file %lld bytes\n",
@@ -643,7 +633,8 @@ int main(int argc, char **argv)
         goto out;
     }
     WorkloadParams wp = { .size = x.cfg.size, .cluster = x.cfg.cluster,
-                          .nops = x.cfg.nops, .seed = x.cfg.seed };
+                          .nops = x.cfg.nops, .nthreads = x.cfg.threads,
+                          .seed = x.cfg.seed };
     workload_generate(&x.w, &wp);
     if (record_workload(&x, rec) < 0) {
         goto out;
@@ -659,7 +650,7 @@ int main(int argc, char **argv)
                 x.st.log_entries, x.st.file_flushes, elapsed(&x));
     }
 
-    model_init(&x.model, x.cfg.size, x.backing);
+    model_init(&x.model, &x.w, x.cfg.size, x.backing);
     if (run_cuts(&x, rec, init, init_len) < 0) {
         goto out_model;
     }

@@ -15,11 +15,31 @@ static int64_t clamp_len(int64_t off, int64_t len, int64_t size)
     return off + len > size ? size - off : len;
 }
 
-static void add_op(Workload *w, int *cap, GuestOp op)
+/* Op generation for one thread works in that thread's own address space
+ * (its stripes laid end to end); add_op maps it onto the disk. */
+typedef struct Gen {
+    Workload *w;
+    int cap;
+    int thread;
+    int64_t vsize;   /* this thread's address space */
+} Gen;
+
+static void add_op(Gen *g, GuestOp op)
 {
-    if (w->nops == *cap) {
-        *cap = *cap ? *cap * 2 : 256;
-        w->ops = realloc(w->ops, (size_t)*cap * sizeof(*w->ops));
+    Workload *w = g->w;
+    int T = w->p.nthreads;
+    if (op.type != G_FLUSH && T > 1) {
+        /* Stay inside one stripe, then map to the disk. */
+        int64_t s = op.off / w->stripe, in = op.off % w->stripe;
+        if (in + op.len > w->stripe) {
+            op.len = w->stripe - in;
+        }
+        op.off = (s * T + g->thread) * w->stripe + in;
+    }
+    op.thread = g->thread;
+    if (w->nops == g->cap) {
+        g->cap = g->cap ? g->cap * 2 : 256;
+        w->ops = realloc(w->ops, (size_t)g->cap * sizeof(*w->ops));
         if (!w->ops) {
             abort();
         }
@@ -43,100 +63,133 @@ static GuestOp mk_write(Rng *r, int64_t off, int64_t len)
     return op;
 }
 
-void workload_generate(Workload *w, const WorkloadParams *p)
+/* A recent write of this thread (in its own coordinates), for overwrites. */
+static bool recent_write(Gen *g, Rng *r, int first, int64_t *off, int64_t *len)
 {
-    Rng r;
-    rng_seed(&r, p->seed);
-    int cap = 0;
-    memset(w, 0, sizeof(*w));
-    w->p = *p;
-    const int64_t cl = p->cluster, size = p->size;
-    const int64_t nclusters = size / cl;
-    int64_t fill_cursor = (int64_t)rng_below(&r, (uint64_t)nclusters) * cl;
-    int since_flush = 0, flush_every = 2 + (int)rng_below(&r, 10);
+    Workload *w = g->w;
+    for (int i = w->nops - 1, tries = 0; i >= first && tries < 64; i--, tries++) {
+        if (w->ops[i].type == G_WRITE && rng_below(r, 3) == 0) {
+            int64_t o = w->ops[i].off;
+            if (w->p.nthreads > 1) {
+                int64_t s = o / w->stripe / w->p.nthreads;
+                o = s * w->stripe + o % w->stripe;
+            }
+            *off = o;
+            *len = w->ops[i].len;
+            return true;
+        }
+    }
+    return false;
+}
 
-    while (w->nops < p->nops) {
-        unsigned k = (unsigned)rng_below(&r, 100);
+static void gen_thread(Gen *g, Rng *r)
+{
+    const int64_t cl = g->w->p.cluster, size = g->vsize;
+    const int64_t nclusters = size / cl;
+    const int first = g->w->nops;
+    int64_t fill_cursor = (int64_t)rng_below(r, (uint64_t)nclusters) * cl;
+    int since_flush = 0, flush_every = 2 + (int)rng_below(r, 10);
+
+    for (int n = 0; n < g->w->p.nops; n++) {
+        unsigned k = (unsigned)rng_below(r, 100);
         GuestOp op;
         if (since_flush >= flush_every) {
-            op = (GuestOp){ .type = G_FLUSH };
             since_flush = 0;
-            flush_every = 2 + (int)rng_below(&r, 10);
-            add_op(w, &cap, op);
+            flush_every = 2 + (int)rng_below(r, 10);
+            add_op(g, (GuestOp){ .type = G_FLUSH });
             continue;
         }
         if (k < 35) {
             /* Fresh write: whole clusters, sectors, or an odd range that
              * leaves part of a cluster to be copied from the backing file. */
-            unsigned shape = (unsigned)rng_below(&r, 10);
+            unsigned shape = (unsigned)rng_below(r, 10);
             int64_t off, len;
             if (shape < 5) {
-                off = (int64_t)rng_below(&r, (uint64_t)nclusters) * cl;
-                len = cl * (1 + (int64_t)rng_below(&r, 4));
+                off = (int64_t)rng_below(r, (uint64_t)nclusters) * cl;
+                len = cl * (1 + (int64_t)rng_below(r, 4));
             } else if (shape < 8) {
-                off = (int64_t)rng_below(&r, (uint64_t)(size / 512)) * 512;
-                len = 512 * (1 + (int64_t)rng_below(&r, (uint64_t)(2 * cl / 512 + 1)));
+                off = (int64_t)rng_below(r, (uint64_t)(size / 512)) * 512;
+                len = 512 * (1 + (int64_t)rng_below(r, (uint64_t)(2 * cl / 512 + 1)));
             } else {
-                off = (int64_t)rng_below(&r, (uint64_t)size);
-                len = 1 + (int64_t)rng_below(&r, (uint64_t)(2 * cl));
+                off = (int64_t)rng_below(r, (uint64_t)size);
+                len = 1 + (int64_t)rng_below(r, (uint64_t)(2 * cl));
             }
-            op = mk_write(&r, off, clamp_len(off, len, size));
+            op = mk_write(r, off, clamp_len(off, len, size));
         } else if (k < 50) {
             /* Overwrite (part of) an earlier write: in-place updates of
              * allocated clusters, and COW when the range straddles. */
             int64_t off = 0, len = cl;
-            for (int i = w->nops - 1, tries = 0; i >= 0 && tries < 64; i--, tries++) {
-                if (w->ops[i].type == G_WRITE && rng_below(&r, 3) == 0) {
-                    off = w->ops[i].off;
-                    len = w->ops[i].len;
-                    break;
-                }
-            }
-            int64_t shift = (int64_t)rng_below(&r, 1024) - 512;
+            recent_write(g, r, first, &off, &len);
+            int64_t shift = (int64_t)rng_below(r, 1024) - 512;
             off = off + shift < 0 ? 0 : off + shift;
             if (off >= size) {
                 off = size - 1;
             }
-            op = mk_write(&r, off, clamp_len(off, len, size));
+            op = mk_write(r, off, clamp_len(off, len, size));
         } else if (k < 60) {
             /* Sequential fill: grows the image across L2 tables and
              * refcount blocks. */
-            int64_t len = cl * (4 + (int64_t)rng_below(&r, 13));
+            int64_t len = cl * (4 + (int64_t)rng_below(r, 13));
             if (fill_cursor >= size) {
                 fill_cursor = 0;
             }
-            op = mk_write(&r, fill_cursor, clamp_len(fill_cursor, len, size));
+            op = mk_write(r, fill_cursor, clamp_len(fill_cursor, len, size));
             fill_cursor += op.len;
         } else if (k < 72) {
             op = (GuestOp){ .type = G_ZERO };
-            if (rng_below(&r, 3)) {
-                op.off = (int64_t)rng_below(&r, (uint64_t)nclusters) * cl;
-                op.len = cl * (1 + (int64_t)rng_below(&r, 8));
+            if (rng_below(r, 3)) {
+                op.off = (int64_t)rng_below(r, (uint64_t)nclusters) * cl;
+                op.len = cl * (1 + (int64_t)rng_below(r, 8));
             } else {
-                op.off = (int64_t)rng_below(&r, (uint64_t)size);
-                op.len = 1 + (int64_t)rng_below(&r, (uint64_t)(3 * cl));
+                op.off = (int64_t)rng_below(r, (uint64_t)size);
+                op.len = 1 + (int64_t)rng_below(r, (uint64_t)(3 * cl));
             }
             op.len = clamp_len(op.off, op.len, size);
-            op.flags = rng_below(&r, 2) ? LAM_REQ_MAY_UNMAP : 0;
+            op.flags = rng_below(r, 2) ? LAM_REQ_MAY_UNMAP : 0;
         } else if (k < 82) {
             op = (GuestOp){ .type = G_DISCARD };
-            if (rng_below(&r, 4)) {
-                op.off = (int64_t)rng_below(&r, (uint64_t)nclusters) * cl;
-                op.len = cl * (1 + (int64_t)rng_below(&r, 8));
+            if (rng_below(r, 4)) {
+                op.off = (int64_t)rng_below(r, (uint64_t)nclusters) * cl;
+                op.len = cl * (1 + (int64_t)rng_below(r, 8));
             } else {
-                op.off = (int64_t)rng_below(&r, (uint64_t)size);
-                op.len = 1 + (int64_t)rng_below(&r, (uint64_t)(3 * cl));
+                op.off = (int64_t)rng_below(r, (uint64_t)size);
+                op.len = 1 + (int64_t)rng_below(r, (uint64_t)(3 * cl));
             }
             op.len = clamp_len(op.off, op.len, size);
         } else {
             /* Small write inside a cluster: the COW-from-backing case. */
-            int64_t off = (int64_t)rng_below(&r, (uint64_t)size);
-            op = mk_write(&r, off, clamp_len(off, 1 + (int64_t)rng_below(&r, 300), size));
+            int64_t off = (int64_t)rng_below(r, (uint64_t)size);
+            op = mk_write(r, off, clamp_len(off, 1 + (int64_t)rng_below(r, 300), size));
         }
-        add_op(w, &cap, op);
+        add_op(g, op);
         since_flush++;
     }
-    add_op(w, &cap, (GuestOp){ .type = G_FLUSH });
+    add_op(g, (GuestOp){ .type = G_FLUSH });
+}
+
+void workload_generate(Workload *w, const WorkloadParams *p)
+{
+    Rng r;
+    memset(w, 0, sizeof(*w));
+    w->p = *p;
+    if (w->p.nthreads < 1) {
+        w->p.nthreads = 1;
+    }
+    if (w->p.nthreads > CRASH_MAX_THREADS) {
+        w->p.nthreads = CRASH_MAX_THREADS;
+    }
+    const int T = w->p.nthreads;
+    /* Stripes of 16 clusters (at least 64 KiB). */
+    w->stripe = p->cluster * 16 > 65536 ? p->cluster * 16 : 65536;
+    int64_t per_thread = T > 1 ? p->size / w->stripe / T * w->stripe : p->size;
+    Gen g = { .w = w, .vsize = per_thread };
+    for (int t = 0; t < T; t++) {
+        rng_seed(&r, p->seed * 1000003 + (uint64_t)t);
+        g.thread = t;
+        w->tstart[t] = w->nops;
+        gen_thread(&g, &r);
+    }
+    w->tstart[T] = w->nops;
 }
 
 void workload_free(Workload *w)
@@ -156,31 +209,67 @@ static size_t log_pos(CrashRec *rec)
     return n;
 }
 
-int workload_run(Workload *w, LamChild *c, CrashRec *rec)
+typedef struct Runner {
+    Workload *w;
+    LamChild *c;
+    CrashRec *rec;
+    int thread;
+    int failed;
+} Runner;
+
+static void *run_thread(void *opaque)
 {
-    int failed = 0;
-    for (int i = 0; i < w->nops; i++) {
+    Runner *rn = opaque;
+    Workload *w = rn->w;
+    for (int i = w->tstart[rn->thread]; i < w->tstart[rn->thread + 1]; i++) {
         GuestOp *op = &w->ops[i];
-        atomic_store(&rec->cur_guest_op, i);
-        op->log_start = log_pos(rec);
+        atomic_store(&rn->rec->cur_guest_op, i);
+        op->log_start = log_pos(rn->rec);
         switch (op->type) {
         case G_WRITE:
-            op->ret = lam_co_pwrite(c, op->off, op->len, op->data, op->flags);
+            op->ret = lam_co_pwrite(rn->c, op->off, op->len, op->data, op->flags);
             break;
         case G_ZERO:
-            op->ret = lam_co_pwrite_zeroes(c, op->off, op->len, op->flags);
+            op->ret = lam_co_pwrite_zeroes(rn->c, op->off, op->len, op->flags);
             break;
         case G_DISCARD:
-            op->ret = lam_co_pdiscard(c, op->off, op->len);
+            op->ret = lam_co_pdiscard(rn->c, op->off, op->len);
             break;
         case G_FLUSH:
-            op->ret = lam_co_flush(c);
+            op->ret = lam_co_flush(rn->c);
             break;
         }
-        op->log_end = log_pos(rec);
+        op->log_end = log_pos(rn->rec);
         if (op->ret < 0) {
-            failed++;
+            rn->failed++;
         }
+    }
+    return NULL;
+}
+
+int workload_run(Workload *w, LamChild *c, CrashRec *rec)
+{
+    const int T = w->p.nthreads;
+    Runner rn[CRASH_MAX_THREADS];
+    pthread_t tid[CRASH_MAX_THREADS];
+    int failed = 0;
+    for (int t = 0; t < T; t++) {
+        rn[t] = (Runner){ .w = w, .c = c, .rec = rec, .thread = t };
+    }
+    if (T == 1) {
+        run_thread(&rn[0]);
+    } else {
+        for (int t = 0; t < T; t++) {
+            if (pthread_create(&tid[t], NULL, run_thread, &rn[t]) != 0) {
+                abort();
+            }
+        }
+        for (int t = 0; t < T; t++) {
+            pthread_join(tid[t], NULL);
+        }
+    }
+    for (int t = 0; t < T; t++) {
+        failed += rn[t].failed;
     }
     atomic_store(&rec->cur_guest_op, w->nops);
     return failed;
@@ -188,7 +277,8 @@ int workload_run(Workload *w, LamChild *c, CrashRec *rec)
 
 /* ---- model ---- */
 
-void model_init(Model *m, int64_t size, const uint8_t *backing)
+void model_init(Model *m, const Workload *w, int64_t size,
+                const uint8_t *backing)
 {
     m->size = size;
     m->backing = backing;
@@ -198,7 +288,9 @@ void model_init(Model *m, int64_t size, const uint8_t *backing)
         abort();
     }
     memcpy(m->val, backing, (size_t)size);
-    m->applied = 0;
+    for (int t = 0; t < w->p.nthreads; t++) {
+        m->applied[t] = w->tstart[t];
+    }
 }
 
 void model_free(Model *m)
@@ -207,41 +299,68 @@ void model_free(Model *m)
     free(m->alt);
 }
 
-void model_advance(Model *m, const Workload *w, int upto)
+void model_window(const Workload *w, size_t pos, OpWindow *win)
 {
-    for (int i = m->applied; i < upto; i++) {
-        const GuestOp *op = &w->ops[i];
-        /* A failed op leaves its range undefined: anything it could
-         * have written or the old content is acceptable. */
-        if (op->ret < 0 && op->type != G_FLUSH) {
-            for (int64_t b = op->off; b < op->off + op->len; b++) {
-                m->alt[b] |= ALT_ZERO | ALT_BACKING;
+    for (int t = 0; t < w->p.nthreads; t++) {
+        int d = w->tstart[t], s = w->tstart[t];
+        for (int i = w->tstart[t]; i < w->tstart[t + 1]; i++) {
+            const GuestOp *op = &w->ops[i];
+            if (op->log_start < pos) {
+                s = i + 1;
             }
-            continue;
-        }
-        switch (op->type) {
-        case G_WRITE:
-            memcpy(m->val + op->off, op->data, (size_t)op->len);
-            memset(m->alt + op->off, 0, (size_t)op->len);
-            break;
-        case G_ZERO:
-            memset(m->val + op->off, 0, (size_t)op->len);
-            memset(m->alt + op->off, 0, (size_t)op->len);
-            break;
-        case G_DISCARD:
-            /* Discard is advisory: old data, zeroes, or (an overlay
-             * dropping its cluster) the backing file's data. */
-            for (int64_t b = op->off; b < op->off + op->len; b++) {
-                m->alt[b] |= ALT_ZERO | ALT_BACKING;
+            /* A guest flush whose file I/O all precedes the crash had
+             * returned: the thread's earlier ops must be on disk. */
+            if (op->type == G_FLUSH && op->ret == 0 && op->log_end <= pos) {
+                d = i;
             }
-            break;
-        case G_FLUSH:
-            break;
         }
+        win->durable[t] = d;
+        win->started[t] = s > d ? s : d;
     }
-    if (upto > m->applied) {
-        m->applied = upto;
+}
+
+static void apply_op(Model *m, const GuestOp *op)
+{
+    /* A failed op leaves its range undefined. */
+    if (op->ret < 0 && op->type != G_FLUSH) {
+        for (int64_t b = op->off; b < op->off + op->len; b++) {
+            m->alt[b] |= ALT_ZERO | ALT_BACKING;
+        }
+        return;
     }
+    switch (op->type) {
+    case G_WRITE:
+        memcpy(m->val + op->off, op->data, (size_t)op->len);
+        memset(m->alt + op->off, 0, (size_t)op->len);
+        break;
+    case G_ZERO:
+        memset(m->val + op->off, 0, (size_t)op->len);
+        memset(m->alt + op->off, 0, (size_t)op->len);
+        break;
+    case G_DISCARD:
+        /* Discard is advisory: old data, zeroes, or (an overlay dropping
+         * its cluster) the backing file's data. */
+        for (int64_t b = op->off; b < op->off + op->len; b++) {
+            m->alt[b] |= ALT_ZERO | ALT_BACKING;
+        }
+        break;
+    case G_FLUSH:
+        break;
+    }
+}
+
+int model_advance(Model *m, const Workload *w, const OpWindow *win)
+{
+    for (int t = 0; t < w->p.nthreads; t++) {
+        if (win->durable[t] < m->applied[t]) {
+            return -1;
+        }
+        for (int i = m->applied[t]; i < win->durable[t]; i++) {
+            apply_op(m, &w->ops[i]);
+        }
+        m->applied[t] = win->durable[t];
+    }
+    return 0;
 }
 
 static bool fits_durable(const Model *m, int64_t b, uint8_t v)
@@ -255,41 +374,39 @@ static bool fits_durable(const Model *m, int64_t b, uint8_t v)
     return (m->alt[b] & ALT_BACKING) && v == m->backing[b];
 }
 
-static bool fits_pending(const Model *m, const Workload *w, int from, int to,
+static bool fits_op(const Model *m, const GuestOp *op, int64_t b, uint8_t v)
+{
+    if (op->type == G_FLUSH || b < op->off || b >= op->off + op->len) {
+        return false;
+    }
+    switch (op->type) {
+    case G_WRITE:
+        return op->data[b - op->off] == v ||
+               (op->ret < 0 && (v == 0 || v == m->backing[b]));
+    case G_ZERO:
+        return v == 0;
+    case G_DISCARD:
+        return v == 0 || v == m->backing[b];
+    case G_FLUSH:
+        break;
+    }
+    return false;
+}
+
+static bool fits_pending(const Model *m, const Workload *w, const OpWindow *win,
                          int64_t b, uint8_t v)
 {
-    for (int i = from; i < to; i++) {
-        const GuestOp *op = &w->ops[i];
-        if (op->type == G_FLUSH || b < op->off || b >= op->off + op->len) {
-            continue;
-        }
-        switch (op->type) {
-        case G_WRITE:
-            if (op->data[b - op->off] == v) {
+    for (int t = 0; t < w->p.nthreads; t++) {
+        for (int i = win->durable[t]; i < win->started[t]; i++) {
+            if (fits_op(m, &w->ops[i], b, v)) {
                 return true;
             }
-            if (op->ret < 0 && (v == 0 || v == m->backing[b])) {
-                return true;
-            }
-            break;
-        case G_ZERO:
-            if (v == 0) {
-                return true;
-            }
-            break;
-        case G_DISCARD:
-            if (v == 0 || v == m->backing[b]) {
-                return true;
-            }
-            break;
-        case G_FLUSH:
-            break;
         }
     }
     return false;
 }
 
-int64_t model_verify(const Model *m, const Workload *w, int from, int to,
+int64_t model_verify(const Model *m, const Workload *w, const OpWindow *win,
                      const uint8_t *got, int64_t *first_bad)
 {
     int64_t bad = 0;
@@ -301,8 +418,7 @@ int64_t model_verify(const Model *m, const Workload *w, int from, int to,
             continue;
         }
         for (int64_t b = c0; b < c0 + n; b++) {
-            if (fits_durable(m, b, got[b]) ||
-                fits_pending(m, w, from, to, b, got[b])) {
+            if (fits_durable(m, b, got[b]) || fits_pending(m, w, win, b, got[b])) {
                 continue;
             }
             if (*first_bad < 0) {
