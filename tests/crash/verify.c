@@ -255,8 +255,11 @@ void check_qemu(const char *path, const char *fmt, CheckCounts *cc)
         cc->errors += 1;
         cc->open_failed = !j;
     }
-    if (rc != 0 && rc != 3) {
-        cc->msg = first_lines(out, 12);
+    if (rc != 0 && rc != 3 && out) {
+        /* The findings ("ERROR cluster 5 refcount=0 reference=1") are on
+         * stderr; the JSON counts are already in cc. */
+        const char *mark = strstr(out, "\n--stderr--\n");
+        cc->msg = first_lines(mark ? mark + 12 : out, 12);
     }
     free(out);
 }
