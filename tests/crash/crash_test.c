@@ -47,6 +47,7 @@ typedef struct Config {
     double time_limit;
     const char *workdir;
     const char *keep_dir;
+    const char *dump_log;
     int verbose;
     int max_report;
 } Config;
@@ -106,6 +107,7 @@ static void usage(void)
 "  --time-limit SECONDS    stop trying cuts after this long (0: none)\n"
 "  --workdir DIR           scratch directory (default: mkdtemp)\n"
 "  --keep-failures DIR     copy failing images there\n"
+"  --dump-log FILE         write the recorded file log (one entry a line)\n"
 "  --expect-failures       exit 0 only if failures were found (for\n"
 "                          testing the test with --cheat)\n"
 "  -v                      verbose\n"
@@ -136,7 +138,7 @@ static int parse_args(Config *c, int argc, char **argv)
         { "create", 1, 0, 'C' }, { "cheat", 1, 0, 'X' },
         { "time-limit", 1, 0, 't' }, { "workdir", 1, 0, 'w' },
         { "keep-failures", 1, 0, 'k' }, { "help", 0, 0, 'h' },
-        { "expect-failures", 0, 0, 'E' },
+        { "expect-failures", 0, 0, 'E' }, { "dump-log", 1, 0, 'D' },
         { 0, 0, 0, 0 },
     };
     *c = (Config){ .fmt = "qcow2", .size = 8 << 20, .cluster = 512,
@@ -169,6 +171,7 @@ static int parse_args(Config *c, int argc, char **argv)
         case 'w': c->workdir = optarg; break;
         case 'k': c->keep_dir = optarg; break;
         case 'E': c->expect_failures = true; break;
+        case 'D': c->dump_log = optarg; break;
         case 'v': c->verbose++; break;
         default: usage(); return -1;
         }
@@ -277,6 +280,35 @@ static int record_workload(Ctx *x, CrashRec *rec)
     return 0;
 }
 
+static const char *op_name(GuestOpType t)
+{
+    static const char *n[] = { "write", "write-zeroes", "discard", "flush" };
+    return n[t];
+}
+
+/* One line per log entry: what a failure report's positions refer to. */
+static void dump_log(const Ctx *x, const CrashRec *rec)
+{
+    static const char *names[] = { "write", "zero", "discard", "truncate", "flush" };
+    FILE *f = fopen(x->cfg.dump_log, "w");
+    if (!f) {
+        perror(x->cfg.dump_log);
+        return;
+    }
+    for (int i = 0; i < x->w.nops; i++) {
+        const GuestOp *op = &x->w.ops[i];
+        fprintf(f, "# guest op %d thread %d: %s off %lld len %lld ret %d, log [%zu, %zu)\n",
+                i, op->thread, op_name(op->type), (long long)op->off,
+                (long long)op->len, op->ret, op->log_start, op->log_end);
+    }
+    for (size_t i = 0; i < rec->nlog; i++) {
+        const CrashEntry *e = &rec->log[i];
+        fprintf(f, "%zu %s off %lld len %lld guest-op %d\n", i, names[e->type],
+                (long long)e->off, (long long)e->len, e->guest_op);
+    }
+    fclose(f);
+}
+
 /* ---- judging cuts ---- */
 
 static void keep_image(const Ctx *x, const char *tag, int n, const uint8_t *img,
@@ -304,12 +336,6 @@ static int last_writer(const Workload *w, const OpWindow *win, int64_t b)
         }
     }
     return -1;
-}
-
-static const char *op_name(GuestOpType t)
-{
-    static const char *n[] = { "write", "write-zeroes", "discard", "flush" };
-    return n[t];
 }
 
 static bool should_report(Ctx *x)
@@ -645,6 +671,9 @@ int main(int argc, char **argv)
     }
     x.st.bytes_written = rec->bytes_written;
     x.st.final_file_size = rec->len;
+    if (x.cfg.dump_log) {
+        dump_log(&x, rec);
+    }
     if (x.cfg.verbose) {
         fprintf(stderr, "recorded %zu entries (%zu flushes) in %.1fs\n",
                 x.st.log_entries, x.st.file_flushes, elapsed(&x));
