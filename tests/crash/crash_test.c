@@ -48,6 +48,7 @@ typedef struct Config {
     const char *workdir;
     const char *keep_dir;
     const char *dump_log;
+    int reuse_every;     /* continue writing on every Nth cut's image; 0 never */
     int verbose;
     int max_report;
 } Config;
@@ -63,6 +64,7 @@ typedef struct Stats {
     int reported;
     bool time_limited;
     int workload_failures;
+    int reuse_tried, reuse_corrupt, reuse_mismatch, reuse_errors;
     size_t log_entries, file_flushes;
     uint64_t bytes_written;
     int64_t final_file_size;
@@ -75,6 +77,7 @@ typedef struct Ctx {
     Model model;
     uint8_t *backing;    /* guest-visible content of the backing file */
     uint8_t *got;
+    uint8_t *expect;     /* reuse: what the guest should read afterwards */
     char cut_path[4096], raw_path[4096];
     struct timespec t0;
 } Ctx;
@@ -102,6 +105,8 @@ static void usage(void)
 "  --qemu-every N          qemu-img check/convert on every flush cut and\n"
 "                          every Nth random cut (1); 0: flush cuts only\n"
 "  --no-qemu               skip qemu-img entirely\n"
+"  --reuse-every N         on every Nth cut, also write to the crashed image\n"
+"                          with our driver, then check and read again (4)\n"
 "  --create ours|qemu      who creates the initial image (qemu)\n"
 "  --cheat drop-flushed    lose a flushed write in every cut (must fail)\n"
 "  --time-limit SECONDS    stop trying cuts after this long (0: none)\n"
@@ -138,13 +143,13 @@ static int parse_args(Config *c, int argc, char **argv)
         { "create", 1, 0, 'C' }, { "cheat", 1, 0, 'X' },
         { "time-limit", 1, 0, 't' }, { "workdir", 1, 0, 'w' },
         { "keep-failures", 1, 0, 'k' }, { "help", 0, 0, 'h' },
-        { "expect-failures", 0, 0, 'E' }, { "dump-log", 1, 0, 'D' },
+        { "expect-failures", 0, 0, 'E' }, { "reuse-every", 1, 0, 'U' }, { "dump-log", 1, 0, 'D' },
         { 0, 0, 0, 0 },
     };
     *c = (Config){ .fmt = "qcow2", .size = 8 << 20, .cluster = 512,
                    .refcount_bits = 16, .nops = 300, .seed = 1, .threads = 1,
                    .random_per_interval = 2, .max_random = 2000,
-                   .qemu_every = 1, .max_report = 10 };
+                   .qemu_every = 1, .max_report = 10, .reuse_every = 4 };
     int opt;
     while ((opt = getopt_long(argc, argv, "vh", lo, NULL)) != -1) {
         switch (opt) {
@@ -171,6 +176,7 @@ static int parse_args(Config *c, int argc, char **argv)
         case 'w': c->workdir = optarg; break;
         case 'k': c->keep_dir = optarg; break;
         case 'E': c->expect_failures = true; break;
+        case 'U': c->reuse_every = atoi(optarg); break;
         case 'D': c->dump_log = optarg; break;
         case 'v': c->verbose++; break;
         default: usage(); return -1;
@@ -380,6 +386,81 @@ static void verify_content(Ctx *x, const Cut *c, int n, const OpWindow *win,
     }
 }
 
+/* After a crash the image gets used again: new allocations meet the leaked
+ * clusters and the torn tail.  It must stay free of corruption, the new
+ * writes must read back, and nothing else may change.  x->got holds what
+ * the crashed image read as. */
+static void judge_reuse(Ctx *x, const Cut *c, int n, bool run_qemu, bool *failed)
+{
+    ReuseWrites rw = { 0 };
+    char *err = NULL;
+    char m[1200];
+    x->st.reuse_tried++;
+    memcpy(x->expect, x->got, (size_t)x->cfg.size);
+    int ret = reuse_image(x->cut_path, x->cfg.fmt, x->cfg.size, x->cfg.cluster,
+                          x->cfg.seed * 31 + (uint64_t)n, &rw, &err);
+    if (ret < 0) {
+        *failed = true;
+        x->st.reuse_errors++;
+        if (should_report(x)) {
+            snprintf(m, sizeof(m), "reuse after crash: %s", err ? err : "?");
+            describe_cut(c, n, m);
+        }
+        free(err);
+        reuse_writes_free(&rw);
+        return;
+    }
+    for (int i = 0; i < rw.n; i++) {
+        memcpy(x->expect + rw.off[i], rw.data[i], (size_t)rw.len[i]);
+    }
+    reuse_writes_free(&rw);
+
+    CheckCounts cc[2];
+    check_ours(x->cut_path, x->cfg.fmt, &cc[0]);
+    if (run_qemu) {
+        check_qemu(x->cut_path, x->cfg.fmt, &cc[1]);
+    } else {
+        memset(&cc[1], 0, sizeof(cc[1]));
+    }
+    for (int k = 0; k < 2; k++) {
+        if (cc[k].supported && (cc[k].open_failed || cc[k].corruptions || cc[k].errors)) {
+            *failed = true;
+            x->st.reuse_corrupt++;
+            if (should_report(x)) {
+                snprintf(m, sizeof(m), "after reuse, %s check: %s%d corruptions, "
+                         "%d errors: %s", k ? "qemu-img" : "our",
+                         cc[k].open_failed ? "open failed, " : "",
+                         cc[k].corruptions, cc[k].errors, cc[k].msg ? cc[k].msg : "");
+                describe_cut(c, n, m);
+            }
+        }
+        free(cc[k].msg);
+    }
+    ret = read_guest_ours(x->cut_path, x->cfg.fmt, x->got, x->cfg.size, &err);
+    if (ret < 0) {
+        *failed = true;
+        x->st.reuse_errors++;
+        if (should_report(x)) {
+            snprintf(m, sizeof(m), "read after reuse: %s", err ? err : "?");
+            describe_cut(c, n, m);
+        }
+        free(err);
+        return;
+    }
+    for (int64_t b = 0; b < x->cfg.size; b++) {
+        if (x->got[b] != x->expect[b]) {
+            *failed = true;
+            x->st.reuse_mismatch++;
+            if (should_report(x)) {
+                snprintf(m, sizeof(m), "after reuse, guest offset %lld reads 0x%02x,"
+                         " expected 0x%02x", (long long)b, x->got[b], x->expect[b]);
+                describe_cut(c, n, m);
+            }
+            break;
+        }
+    }
+}
+
 static int judge_cut(Ctx *x, Replay *rp, const Cut *c, int n, bool run_qemu)
 {
     bool failed = false;
@@ -468,6 +549,9 @@ static int judge_cut(Ctx *x, Replay *rp, const Cut *c, int n, bool run_qemu)
         }
         free(err);
     }
+    if (!failed && x->cfg.reuse_every > 0 && n % x->cfg.reuse_every == 0) {
+        judge_reuse(x, c, n, run_qemu, &failed);
+    }
     if (failed) {
         keep_image(x, c->flush_cut ? "flush" : "random", n, rp->img, rp->img_len);
     }
@@ -548,7 +632,8 @@ static int failures(const Stats *s)
 {
     return s->corrupt_ours + s->corrupt_qemu + s->open_failures +
            s->check_errors + s->durability_failures + s->read_failures +
-           s->workload_failures;
+           s->workload_failures + s->reuse_corrupt + s->reuse_mismatch +
+           s->reuse_errors;
 }
 
 static void summary(const Ctx *x)
@@ -573,6 +658,9 @@ static void summary(const Ctx *x)
            s->corrupt_ours, s->corrupt_qemu, s->open_failures, s->check_errors);
     printf("  durability failures: %d; read failures: %d; failed guest ops: %d\n",
            s->durability_failures, s->read_failures, s->workload_failures);
+    printf("  reused after crash: %d images; corrupt afterwards %d, wrong content %d,"
+           " errors %d\n", s->reuse_tried, s->reuse_corrupt, s->reuse_mismatch,
+           s->reuse_errors);
     printf("  time: %.1fs\n", elapsed(x));
     json_t *j = json_pack(
         "{s:s, s:I, s:i, s:i, s:i, s:i, s:i, s:i, s:i, s:i, s:i, s:i, s:i,"
@@ -589,6 +677,10 @@ static void summary(const Ctx *x)
         s->leaky_images, "time_limited", s->time_limited, "cheat",
         x->cfg.cheat != CHEAT_NONE, "log_entries", (json_int_t)s->log_entries,
         "file_flushes", (json_int_t)s->file_flushes);
+    json_object_set_new(j, "reuse_tried", json_integer(s->reuse_tried));
+    json_object_set_new(j, "reuse_corrupt", json_integer(s->reuse_corrupt));
+    json_object_set_new(j, "reuse_mismatch", json_integer(s->reuse_mismatch));
+    json_object_set_new(j, "reuse_errors", json_integer(s->reuse_errors));
     char *d = json_dumps(j, JSON_COMPACT | JSON_SORT_KEYS);
     printf("CRASH-SUMMARY %s\n", d);
     free(d);
@@ -637,7 +729,8 @@ int main(int argc, char **argv)
     CrashRec *rec = NULL;
     x.backing = make_backing(&x.cfg);
     x.got = malloc((size_t)x.cfg.size);
-    if (!x.backing || !x.got || write_file(backing_path, x.backing, x.cfg.size) < 0) {
+    x.expect = malloc((size_t)x.cfg.size);
+    if (!x.backing || !x.got || !x.expect || write_file(backing_path, x.backing, x.cfg.size) < 0) {
         fprintf(stderr, "cannot write %s\n", backing_path);
         goto out;
     }
@@ -696,6 +789,7 @@ out:
     free(init);
     free(x.backing);
     free(x.got);
+    free(x.expect);
     rm_rf_workdir(dir, made);
     return status;
 }

@@ -13,6 +13,7 @@
 #include <jansson.h>
 
 #include "lamina/block.h"
+#include "rng.h"
 #include "verify.h"
 
 extern char **environ;
@@ -337,4 +338,80 @@ int read_guest_qemu(const char *path, const char *fmt, const char *tmp_raw,
     memcpy(out, buf, (size_t)size);
     free(buf);
     return 0;
+}
+
+void reuse_writes_free(ReuseWrites *rw)
+{
+    for (int i = 0; i < rw->n; i++) {
+        free(rw->data[i]);
+    }
+    rw->n = 0;
+}
+
+int reuse_image(const char *path, const char *fmt, int64_t size,
+                int64_t cluster, uint64_t seed, ReuseWrites *rw, char **errmsg)
+{
+    LamError *err = NULL;
+    Rng r;
+    rng_seed(&r, seed);
+    rw->n = 0;
+    json_t *opts = image_opts(path, fmt);
+    LamNode *bs = lam_node_open(opts, LAM_O_RDWR, &err);
+    json_decref(opts);
+    if (!bs) {
+        *errmsg = strdup(err ? err->msg : "open failed");
+        lam_error_free(err);
+        return -EIO;
+    }
+    LamChild *c = lam_root_attach(bs, "crash test reuse",
+                                  LAM_PERM_CONSISTENT_READ | LAM_PERM_WRITE,
+                                  LAM_PERM_ALL, &err);
+    if (!c) {
+        *errmsg = strdup(err ? err->msg : "attach failed");
+        lam_error_free(err);
+        lam_node_unref(bs);
+        return -EIO;
+    }
+    int ret = 0;
+    for (int i = 0; i < REUSE_WRITES && ret == 0; i++) {
+        int64_t off, len;
+        if (i < REUSE_WRITES - 1) {
+            /* New allocations: the free-cluster search meets the leaks. */
+            off = (int64_t)rng_below(&r, (uint64_t)(size / cluster)) * cluster;
+            len = cluster * (1 + (int64_t)rng_below(&r, 3));
+        } else {
+            /* A partial-cluster write: COW in a crashed image. */
+            off = (int64_t)rng_below(&r, (uint64_t)size);
+            len = 1 + (int64_t)rng_below(&r, (uint64_t)cluster);
+        }
+        if (off + len > size) {
+            len = size - off;
+        }
+        uint8_t *d = malloc((size_t)len);
+        if (!d) {
+            ret = -ENOMEM;
+            break;
+        }
+        rng_fill(&r, d, (size_t)len);
+        rw->off[rw->n] = off;
+        rw->len[rw->n] = len;
+        rw->data[rw->n++] = d;
+        ret = lam_co_pwrite(c, off, len, d, 0);
+        if (ret < 0) {
+            char m[128];
+            snprintf(m, sizeof(m), "write at %lld failed: %s", (long long)off,
+                     strerror(-ret));
+            *errmsg = strdup(m);
+        }
+    }
+    if (ret == 0) {
+        ret = lam_co_flush(c);
+        if (ret < 0) {
+            *errmsg = strdup("flush failed");
+        }
+    }
+    lam_root_detach(c);
+    lam_node_flush_all(bs);
+    lam_node_unref(bs);
+    return ret;
 }

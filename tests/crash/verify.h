@@ -32,3 +32,17 @@ int read_guest_qemu(const char *path, const char *fmt, const char *tmp_raw,
                     uint8_t *out, int64_t size, char **err);
 
 #endif
+
+/* Continuing after a crash: opens the image read-write with our driver,
+ * writes nw ranges (recorded in offs/lens/datas, malloc'ed data), flushes
+ * and closes.  Catches drivers that corrupt images when they reuse one that
+ * a crash left with leaks or a torn tail.  0 / -errno (*err set). */
+#define REUSE_WRITES 4
+typedef struct ReuseWrites {
+    int n;
+    int64_t off[REUSE_WRITES], len[REUSE_WRITES];
+    uint8_t *data[REUSE_WRITES];
+} ReuseWrites;
+int reuse_image(const char *path, const char *fmt, int64_t size,
+                int64_t cluster, uint64_t seed, ReuseWrites *rw, char **err);
+void reuse_writes_free(ReuseWrites *rw);
