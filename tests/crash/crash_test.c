@@ -24,6 +24,7 @@
 #include <jansson.h>
 
 #include "lamina/block.h"
+#include "qemu_ref.h"
 #include "recorder.h"
 #include "replay.h"
 #include "rng.h"
@@ -41,6 +42,8 @@ typedef struct Config {
     int max_random;
     int qemu_every;      /* qemu check+read on every Nth random cut; 0 none */
     bool no_qemu;
+    bool no_ours;        /* don't check/read with our driver */
+    bool ref_qemu;       /* record QEMU's qcow2 driver instead of ours */
     bool create_ours;
     bool expect_failures;
     CheatMode cheat;
@@ -76,6 +79,7 @@ typedef struct Ctx {
     Workload w;
     Model model;
     uint8_t *backing;    /* guest-visible content of the backing file */
+    int64_t img_size;    /* guest size + reference mode's marker cluster */
     uint8_t *got;
     uint8_t *expect;     /* reuse: what the guest should read afterwards */
     char cut_path[4096], raw_path[4096];
@@ -105,6 +109,10 @@ static void usage(void)
 "  --qemu-every N          qemu-img check/convert on every flush cut and\n"
 "                          every Nth random cut (1); 0: flush cuts only\n"
 "  --no-qemu               skip qemu-img entirely\n"
+"  --no-ours               don't check or read images with our driver\n"
+"  --reference-qemu        record QEMU's qcow2 driver (qemu-io over\n"
+"                          blklogwrites) instead of ours: the test itself\n"
+"                          must then find nothing\n"
 "  --reuse-every N         on every Nth cut, also write to the crashed image\n"
 "                          with our driver, then check and read again (4)\n"
 "  --create ours|qemu      who creates the initial image (qemu)\n"
@@ -143,7 +151,8 @@ static int parse_args(Config *c, int argc, char **argv)
         { "create", 1, 0, 'C' }, { "cheat", 1, 0, 'X' },
         { "time-limit", 1, 0, 't' }, { "workdir", 1, 0, 'w' },
         { "keep-failures", 1, 0, 'k' }, { "help", 0, 0, 'h' },
-        { "expect-failures", 0, 0, 'E' }, { "reuse-every", 1, 0, 'U' }, { "dump-log", 1, 0, 'D' },
+        { "expect-failures", 0, 0, 'E' }, { "no-ours", 0, 0, 'O' },
+        { "reference-qemu", 0, 0, 'P' }, { "reuse-every", 1, 0, 'U' }, { "dump-log", 1, 0, 'D' },
         { 0, 0, 0, 0 },
     };
     *c = (Config){ .fmt = "qcow2", .size = 8 << 20, .cluster = 512,
@@ -176,11 +185,20 @@ static int parse_args(Config *c, int argc, char **argv)
         case 'w': c->workdir = optarg; break;
         case 'k': c->keep_dir = optarg; break;
         case 'E': c->expect_failures = true; break;
+        case 'O': c->no_ours = true; break;
+        case 'P': c->ref_qemu = true; break;
         case 'U': c->reuse_every = atoi(optarg); break;
         case 'D': c->dump_log = optarg; break;
         case 'v': c->verbose++; break;
         default: usage(); return -1;
         }
+    }
+    if (c->ref_qemu && (strcmp(c->fmt, "qcow2") || c->threads != 1)) {
+        fprintf(stderr, "--reference-qemu needs qcow2 and one thread\n");
+        return -1;
+    }
+    if (c->ref_qemu || c->no_ours) {
+        c->reuse_every = 0; /* reuse writes with our driver */
     }
     if (strcmp(c->fmt, "qcow2") && strcmp(c->fmt, "raw")) {
         fprintf(stderr, "format must be qcow2 or raw\n");
@@ -224,7 +242,8 @@ static uint8_t *make_backing(const Config *c)
     return b;
 }
 
-static int create_overlay(const Config *c, const char *path, const char *backing)
+static int create_overlay(const Config *c, int64_t img_size, const char *path,
+                          const char *backing)
 {
     if (c->create_ours) {
         LamError *err = NULL;
@@ -232,7 +251,7 @@ static int create_overlay(const Config *c, const char *path, const char *backing
                               (json_int_t)c->cluster, "refcount-bits",
                               (json_int_t)c->refcount_bits, "backing-file",
                               backing, "backing-fmt", "raw");
-        int ret = lam_create_image(path, "qcow2", c->size, o, &err);
+        int ret = lam_create_image(path, "qcow2", img_size, o, &err);
         json_decref(o);
         if (ret < 0) {
             fprintf(stderr, "create %s: %s\n", path, err ? err->msg : "failed");
@@ -244,7 +263,7 @@ static int create_overlay(const Config *c, const char *path, const char *backing
     snprintf(opts, sizeof(opts),
              "cluster_size=%lld,refcount_bits=%d,backing_file=%s,backing_fmt=raw",
              (long long)c->cluster, c->refcount_bits, backing);
-    snprintf(size, sizeof(size), "%lld", (long long)c->size);
+    snprintf(size, sizeof(size), "%lld", (long long)img_size);
     char *argv[] = { "qemu-img", "create", "-q", "-f", "qcow2", "-o", opts,
                      (char *)path, size, NULL };
     char *out = NULL;
@@ -396,7 +415,7 @@ static void judge_reuse(Ctx *x, const Cut *c, int n, bool run_qemu, bool *failed
     char *err = NULL;
     char m[1200];
     x->st.reuse_tried++;
-    memcpy(x->expect, x->got, (size_t)x->cfg.size);
+    memcpy(x->expect, x->got, (size_t)x->img_size);
     int ret = reuse_image(x->cut_path, x->cfg.fmt, x->cfg.size, x->cfg.cluster,
                           x->cfg.seed * 31 + (uint64_t)n, &rw, &err);
     if (ret < 0) {
@@ -436,7 +455,7 @@ static void judge_reuse(Ctx *x, const Cut *c, int n, bool run_qemu, bool *failed
         }
         free(cc[k].msg);
     }
-    ret = read_guest_ours(x->cut_path, x->cfg.fmt, x->got, x->cfg.size, &err);
+    ret = read_guest_ours(x->cut_path, x->cfg.fmt, x->got, x->img_size, &err);
     if (ret < 0) {
         *failed = true;
         x->st.reuse_errors++;
@@ -476,8 +495,10 @@ static int judge_cut(Ctx *x, Replay *rp, const Cut *c, int n, bool run_qemu)
         return -EINVAL;
     }
 
-    CheckCounts cc;
-    check_ours(x->cut_path, x->cfg.fmt, &cc);
+    CheckCounts cc = { 0 };
+    if (!x->cfg.no_ours) {
+        check_ours(x->cut_path, x->cfg.fmt, &cc);
+    }
     if (cc.supported) {
         x->st.ours_checked++;
         x->st.leaky_images += cc.leaks > 0;
@@ -517,8 +538,11 @@ static int judge_cut(Ctx *x, Replay *rp, const Cut *c, int n, bool run_qemu)
     }
 
     char *err = NULL;
-    ret = read_guest_ours(x->cut_path, x->cfg.fmt, x->got, x->cfg.size, &err);
-    if (ret == 0) {
+    ret = x->cfg.no_ours ? 1 :
+          read_guest_ours(x->cut_path, x->cfg.fmt, x->got, x->img_size, &err);
+    if (ret == 1) {
+        /* not read by us */
+    } else if (ret == 0) {
         x->st.ours_read++;
         verify_content(x, c, n, &win, "our", &failed);
     } else {
@@ -534,7 +558,7 @@ static int judge_cut(Ctx *x, Replay *rp, const Cut *c, int n, bool run_qemu)
     err = NULL;
     if (run_qemu) {
         ret = read_guest_qemu(x->cut_path, x->cfg.fmt, x->raw_path, x->got,
-                              x->cfg.size, &err);
+                              x->img_size, &err);
         if (ret == 0) {
             x->st.qemu_read++;
             verify_content(x, c, n, &win, "qemu-img convert", &failed);
@@ -639,8 +663,9 @@ static int failures(const Stats *s)
 static void summary(const Ctx *x)
 {
     const Stats *s = &x->st;
-    printf("crash test: format %s, cluster %lld, refcount-bits %d, guest %lld bytes,"
-           " %d ops in %d threads, seed %llu%s\n", x->cfg.fmt,
+    printf("crash test%s: format %s, cluster %lld, refcount-bits %d, guest %lld bytes,"
+           " %d ops in %d threads, seed %llu%s\n",
+           x->cfg.ref_qemu ? " of QEMU's qcow2 (reference)" : "", x->cfg.fmt,
            (long long)x->cfg.cluster, x->cfg.refcount_bits,
            (long long)x->cfg.size, x->w.nops, x->w.p.nthreads,
            (unsigned long long)x->cfg.seed,
@@ -728,14 +753,15 @@ int main(int argc, char **argv)
     int64_t init_len = 0;
     CrashRec *rec = NULL;
     x.backing = make_backing(&x.cfg);
-    x.got = malloc((size_t)x.cfg.size);
-    x.expect = malloc((size_t)x.cfg.size);
+    x.img_size = x.cfg.size + (x.cfg.ref_qemu ? x.cfg.cluster : 0);
+    x.got = malloc((size_t)x.img_size);
+    x.expect = malloc((size_t)x.img_size);
     if (!x.backing || !x.got || !x.expect || write_file(backing_path, x.backing, x.cfg.size) < 0) {
         fprintf(stderr, "cannot write %s\n", backing_path);
         goto out;
     }
     if (!strcmp(x.cfg.fmt, "qcow2")) {
-        if (create_overlay(&x.cfg, init_path, backing_path) < 0) {
+        if (create_overlay(&x.cfg, x.img_size, init_path, backing_path) < 0) {
             goto out;
         }
     } else if (write_file(init_path, x.backing, x.cfg.size) < 0) {
@@ -755,7 +781,22 @@ int main(int argc, char **argv)
                           .nops = x.cfg.nops, .nthreads = x.cfg.threads,
                           .seed = x.cfg.seed };
     workload_generate(&x.w, &wp);
-    if (record_workload(&x, rec) < 0) {
+    if (x.cfg.ref_qemu) {
+        char *err = NULL;
+        if (qemu_ref_record(dir, init_path, &x.w, x.cfg.size, x.cfg.cluster,
+                            &rec->log, &rec->nlog, &err) < 0) {
+            fprintf(stderr, "reference recording: %s\n", err ? err : "failed");
+            free(err);
+            goto out;
+        }
+        rec->log_cap = rec->nlog;
+        for (size_t i = 0; i < rec->nlog; i++) {
+            crash_apply(&rec->log[i], &rec->buf, &rec->len, &rec->cap);
+            if (rec->log[i].type == CR_WRITE || rec->log[i].type == CR_ZERO) {
+                rec->bytes_written += (uint64_t)rec->log[i].len;
+            }
+        }
+    } else if (record_workload(&x, rec) < 0) {
         goto out;
     }
     x.st.log_entries = rec->nlog;

@@ -100,6 +100,28 @@ def test_crash_detects_lost_flushed_write_qcow2():
     assert p.returncode == 0
 
 
+def test_crash_reference_qemu_has_no_false_positives():
+    """The same workload through QEMU's own qcow2 driver, its file writes
+    captured by QEMU's blklogwrites filter: a driver known to be crash-safe
+    must pass, so every failure the test reports against ours is real."""
+    s, p = crash_run("--reference-qemu", "--no-ours", "--cluster-size", 512,
+                     "--size", "4M", "--ops", 60, "--seed", 11,
+                     "--qemu-every", 2, time_limit=15)
+    report = p.stdout + p.stderr[-4000:]
+    assert p.returncode == 0, report
+    assert s["corrupt_qemu"] == 0 and s["durability_failures"] == 0, report
+    assert s["flush_cuts"] >= 20 and s["qemu_read"] >= 20, report
+
+
+def test_crash_reference_qemu_cheat_detected():
+    s, p = crash_run("--reference-qemu", "--no-ours", "--cluster-size", 512,
+                     "--size", "4M", "--ops", 60, "--seed", 1,
+                     "--cheat", "drop-flushed", "--max-random-cuts", 30,
+                     "--expect-failures", time_limit=15)
+    assert s["corrupt_qemu"] + s["durability_failures"] > 0, p.stdout
+    assert p.returncode == 0
+
+
 def test_crash_detects_lost_flushed_write_raw():
     s, p = crash_run("--format", "raw", "--size", "1M", "--ops", 100,
                      "--cheat", "drop-flushed", "--expect-failures",
