@@ -37,6 +37,7 @@ typedef struct Config {
     int refcount_bits;
     int nops;
     int threads;
+    int64_t fill_max;
     uint64_t seed;
     int random_per_interval;
     int max_random;
@@ -71,6 +72,8 @@ typedef struct Stats {
     size_t log_entries, file_flushes;
     uint64_t bytes_written;
     int64_t final_file_size;
+    /* qcow2 metadata growth, initial -> final (from the headers). */
+    int64_t rt_clusters[2], refblocks[2], l2_tables[2];
 } Stats;
 
 typedef struct Ctx {
@@ -102,6 +105,7 @@ static void usage(void)
 "  --cluster-size N        qcow2 cluster size (512)\n"
 "  --refcount-bits N       qcow2 refcount width (16)\n"
 "  --ops N                 guest operations per thread (300)\n"
+"  --fill-max N            longest sequential fill write (16 clusters)\n"
 "  --threads N             guest threads on disjoint stripes (1, max 8)\n"
 "  --seed N                workload and cut seed (1)\n"
 "  --random-cuts N         random cuts per flush interval (2)\n"
@@ -151,7 +155,7 @@ static int parse_args(Config *c, int argc, char **argv)
         { "create", 1, 0, 'C' }, { "cheat", 1, 0, 'X' },
         { "time-limit", 1, 0, 't' }, { "workdir", 1, 0, 'w' },
         { "keep-failures", 1, 0, 'k' }, { "help", 0, 0, 'h' },
-        { "expect-failures", 0, 0, 'E' }, { "no-ours", 0, 0, 'O' },
+        { "expect-failures", 0, 0, 'E' }, { "fill-max", 1, 0, 'F' }, { "no-ours", 0, 0, 'O' },
         { "reference-qemu", 0, 0, 'P' }, { "reuse-every", 1, 0, 'U' }, { "dump-log", 1, 0, 'D' },
         { 0, 0, 0, 0 },
     };
@@ -185,6 +189,7 @@ static int parse_args(Config *c, int argc, char **argv)
         case 'w': c->workdir = optarg; break;
         case 'k': c->keep_dir = optarg; break;
         case 'E': c->expect_failures = true; break;
+        case 'F': c->fill_max = parse_size(optarg); break;
         case 'O': c->no_ours = true; break;
         case 'P': c->ref_qemu = true; break;
         case 'U': c->reuse_every = atoi(optarg); break;
@@ -332,6 +337,41 @@ static void dump_log(const Ctx *x, const CrashRec *rec)
                 (long long)e->off, (long long)e->len, e->guest_op);
     }
     fclose(f);
+}
+
+static uint64_t be(const uint8_t *p, int n)
+{
+    uint64_t v = 0;
+    for (int i = 0; i < n; i++) {
+        v = v << 8 | p[i];
+    }
+    return v;
+}
+
+/* Counts refcount table clusters, refcount blocks and L2 tables of a qcow2
+ * image in memory, so the summary shows the workload made them grow. */
+static void qcow2_shape(const uint8_t *b, int64_t len, int64_t cluster,
+                        int64_t *rt_clusters, int64_t *refblocks, int64_t *l2s)
+{
+    *rt_clusters = *refblocks = *l2s = -1;
+    if (len < 72 || be(b, 4) != 0x514649fbULL) {
+        return;
+    }
+    uint64_t l1_size = be(b + 36, 4), l1_off = be(b + 40, 8);
+    uint64_t rt_off = be(b + 48, 8), rt_cl = be(b + 56, 4);
+    *rt_clusters = (int64_t)rt_cl;
+    if (rt_cl <= (uint64_t)len && rt_off + rt_cl * (uint64_t)cluster <= (uint64_t)len) {
+        *refblocks = 0;
+        for (uint64_t i = 0; i < rt_cl * (uint64_t)cluster / 8; i++) {
+            *refblocks += be(b + rt_off + 8 * i, 8) != 0;
+        }
+    }
+    if (l1_size <= (uint64_t)len / 8 && l1_off + 8 * l1_size <= (uint64_t)len) {
+        *l2s = 0;
+        for (uint64_t i = 0; i < l1_size; i++) {
+            *l2s += (be(b + l1_off + 8 * i, 8) & 0x00fffffffffffe00ULL) != 0;
+        }
+    }
 }
 
 /* ---- judging cuts ---- */
@@ -673,6 +713,13 @@ static void summary(const Ctx *x)
     printf("  recorded: %zu file entries, %zu flushes, %llu bytes written, file %lld bytes\n",
            s->log_entries, s->file_flushes, (unsigned long long)s->bytes_written,
            (long long)s->final_file_size);
+    if (!strcmp(x->cfg.fmt, "qcow2")) {
+        printf("  qcow2 growth: refcount table %lld -> %lld clusters, refcount blocks"
+               " %lld -> %lld, L2 tables %lld -> %lld\n",
+               (long long)s->rt_clusters[0], (long long)s->rt_clusters[1],
+               (long long)s->refblocks[0], (long long)s->refblocks[1],
+               (long long)s->l2_tables[0], (long long)s->l2_tables[1]);
+    }
     printf("  cut points tried: %d (%d at flushes, %d random)%s\n",
            s->flush_cuts + s->random_cuts, s->flush_cuts, s->random_cuts,
            s->time_limited ? " [time limit reached]" : "");
@@ -703,6 +750,16 @@ static void summary(const Ctx *x)
         x->cfg.cheat != CHEAT_NONE, "log_entries", (json_int_t)s->log_entries,
         "file_flushes", (json_int_t)s->file_flushes);
     json_object_set_new(j, "reuse_tried", json_integer(s->reuse_tried));
+    json_object_set_new(j, "final_file_size", json_integer(s->final_file_size));
+    json_object_set_new(j, "refcount_table_clusters",
+                        json_pack("[I,I]", (json_int_t)s->rt_clusters[0],
+                                  (json_int_t)s->rt_clusters[1]));
+    json_object_set_new(j, "refcount_blocks",
+                        json_pack("[I,I]", (json_int_t)s->refblocks[0],
+                                  (json_int_t)s->refblocks[1]));
+    json_object_set_new(j, "l2_tables",
+                        json_pack("[I,I]", (json_int_t)s->l2_tables[0],
+                                  (json_int_t)s->l2_tables[1]));
     json_object_set_new(j, "reuse_corrupt", json_integer(s->reuse_corrupt));
     json_object_set_new(j, "reuse_mismatch", json_integer(s->reuse_mismatch));
     json_object_set_new(j, "reuse_errors", json_integer(s->reuse_errors));
@@ -779,6 +836,7 @@ int main(int argc, char **argv)
     }
     WorkloadParams wp = { .size = x.cfg.size, .cluster = x.cfg.cluster,
                           .nops = x.cfg.nops, .nthreads = x.cfg.threads,
+                          .fill_max = x.cfg.fill_max,
                           .seed = x.cfg.seed };
     workload_generate(&x.w, &wp);
     if (x.cfg.ref_qemu) {
@@ -805,6 +863,12 @@ int main(int argc, char **argv)
     }
     x.st.bytes_written = rec->bytes_written;
     x.st.final_file_size = rec->len;
+    if (!strcmp(x.cfg.fmt, "qcow2")) {
+        qcow2_shape(init, init_len, x.cfg.cluster, &x.st.rt_clusters[0],
+                    &x.st.refblocks[0], &x.st.l2_tables[0]);
+        qcow2_shape(rec->buf, rec->len, x.cfg.cluster, &x.st.rt_clusters[1],
+                    &x.st.refblocks[1], &x.st.l2_tables[1]);
+    }
     if (x.cfg.dump_log) {
         dump_log(&x, rec);
     }

@@ -130,6 +130,9 @@ static void gen_thread(Gen *g, Rng *r)
             /* Sequential fill: grows the image across L2 tables and
              * refcount blocks. */
             int64_t len = cl * (4 + (int64_t)rng_below(r, 13));
+            if (g->w->p.fill_max > 4 * cl) {
+                len = 4 * cl + (int64_t)rng_below(r, (uint64_t)(g->w->p.fill_max - 4 * cl));
+            }
             if (fill_cursor >= size) {
                 fill_cursor = 0;
             }

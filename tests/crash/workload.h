@@ -31,6 +31,7 @@ typedef struct WorkloadParams {
     int64_t cluster;       /* cluster size (shapes the offsets chosen) */
     int nops;             /* per thread */
     int nthreads;         /* 1..CRASH_MAX_THREADS */
+    int64_t fill_max;     /* longest sequential fill (0: 16 clusters) */
     uint64_t seed;
 } WorkloadParams;
 
