@@ -250,6 +250,89 @@ static void concurrency(const char *dir, int64_t cs, bool backing)
     unlink(bpath);
 }
 
+/* Mixed random operations from several threads on a small image (many
+ * collisions): no errors, no deadlock, and a clean image afterwards. */
+typedef struct {
+    LamChild *c;
+    int id;
+    int64_t cs, size;
+    int errors;
+} Mixer;
+
+static void *mixer(void *opaque)
+{
+    Mixer *m = opaque;
+    unsigned seed = (unsigned)m->id * 104729u + 1;
+    uint8_t *buf = malloc(4 * m->cs);
+    for (int i = 0; i < 300; i++) {
+        int64_t cl = rand_r(&seed) % (m->size / m->cs);
+        int64_t off = cl * m->cs + (rand_r(&seed) % 2 ? rand_r(&seed) % m->cs : 0);
+        int64_t len = 1 + rand_r(&seed) % (2 * m->cs);
+        if (off + len > m->size) {
+            len = m->size - off;
+        }
+        memset(buf, m->id + i, len);
+        int r = 0;
+        switch (rand_r(&seed) % 6) {
+        case 0: case 1:
+            r = lam_co_pwrite(m->c, off, len, buf, 0);
+            break;
+        case 2:
+            r = lam_co_pwrite(m->c, cl * m->cs, m->cs, buf, LAM_REQ_WRITE_COMPRESSED);
+            break;
+        case 3:
+            r = lam_co_pwrite_zeroes(m->c, off, len, rand_r(&seed) % 2 ? LAM_REQ_MAY_UNMAP : 0);
+            break;
+        case 4:
+            r = lam_co_pdiscard(m->c, off, len);
+            break;
+        default:
+            r = lam_co_pread(m->c, off, len, buf, 0);
+        }
+        if (r < 0) {
+            m->errors++;
+        }
+        if (i % 50 == 0) {
+            lam_co_flush(m->c);
+        }
+    }
+    free(buf);
+    return NULL;
+}
+
+static void mixed_stress(const char *dir, int64_t cs)
+{
+    char path[256];
+    snprintf(path, sizeof(path), "%s/mix.qcow2", dir);
+    json_t *o = json_pack("{s:I}", "cluster-size", (json_int_t)cs);
+    LamError *err = NULL;
+    int64_t size = 64 * cs;
+    int ret = lam_create_image(path, "qcow2", size, o, &err);
+    json_decref(o);
+    LamChild *c;
+    LamNode *bs = ret == 0 ? open_img(path, true, &c) : NULL;
+    if (!bs) {
+        ok(0, "mixed stress setup");
+        return;
+    }
+    pthread_t t[6];
+    Mixer m[6];
+    int errors = 0;
+    for (int i = 0; i < 6; i++) {
+        m[i] = (Mixer){ .c = c, .id = i, .cs = cs, .size = size };
+        pthread_create(&t[i], NULL, mixer, &m[i]);
+    }
+    for (int i = 0; i < 6; i++) {
+        pthread_join(t[i], NULL);
+        errors += m[i].errors;
+    }
+    ok(errors == 0, "mixed concurrent ops cs=%lld: no errors", (long long)cs);
+    ok(check_clean(bs), "mixed concurrent ops cs=%lld: check clean", (long long)cs);
+    close_img(bs, c);
+    ok(qemu_check(path), "mixed concurrent ops cs=%lld: qemu-img check clean", (long long)cs);
+    unlink(path);
+}
+
 static int events_seen;
 static char event_msg[256];
 
@@ -320,6 +403,8 @@ int main(void)
     concurrency(dir, 4096, false);
     concurrency(dir, 65536, false);
     concurrency(dir, 8192, true);
+    mixed_stress(dir, 4096);
+    mixed_stress(dir, 65536);
     runtime_corruption(dir);
     rmdir(dir);
     printf("1..%d\n", test_no);
