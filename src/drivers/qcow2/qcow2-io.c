@@ -448,6 +448,24 @@ out:
     return ret;
 }
 
+/* A data write must never land on the header, the active L1 table or
+ * the refcount table (QEMU's constant overlap checks). */
+static const char *overlaps_metadata(Qcow2State *s, int64_t host, int64_t len)
+{
+    int64_t l1 = (int64_t)s->l1_offset, l1_end = l1 + (int64_t)s->l1_size * 8;
+    int64_t rt = (int64_t)s->rt_offset, rt_end = rt + (int64_t)s->rt_clusters * s->cluster_size;
+    if (host < s->cluster_size) {
+        return "qcow2_header";
+    }
+    if (host < l1_end && l1 < host + len) {
+        return "active L1 table";
+    }
+    if (host < rt_end && rt < host + len) {
+        return "refcount table";
+    }
+    return NULL;
+}
+
 int qc_pwritev(LamNode *bs, int64_t off, int64_t bytes, LamIOV *qiov, int flags)
 {
     Qcow2State *s = bs->opaque;
@@ -486,6 +504,17 @@ int qc_pwritev(LamNode *bs, int64_t off, int64_t bytes, LamIOV *qiov, int flags)
         Qcow2Inflight e;
         pthread_mutex_lock(&s->lock);
         int type = qc_lookup(s, off, bytes, &run, &entry);
+        const char *meta = NULL;
+        if (type == QC_NORMAL && (entry & QCOW2_OFLAG_COPIED)) {
+            meta = overlaps_metadata(s, (int64_t)(entry & QCOW2_L2_OFFSET_MASK),
+                                     qc_align_up((off & (s->cluster_size - 1)) + run, s->cluster_size));
+            if (meta) {
+                qc_signal_corruption(s, (int64_t)(entry & QCOW2_L2_OFFSET_MASK), s->cluster_size,
+                                     "Preventing invalid write on metadata (overlaps with %s)",
+                                     meta);
+                type = -EIO;
+            }
+        }
         if (type == QC_NORMAL && (entry & QCOW2_OFLAG_COPIED)) {
             inflight_add(s, &e, off, run, QC_INFLIGHT_IO);
             pthread_mutex_unlock(&s->lock);

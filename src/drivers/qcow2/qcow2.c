@@ -67,8 +67,8 @@ void qc_signal_corruption(Qcow2State *s, int64_t offset, int64_t size,
     bool fatal = !s->read_only;
     bool was = atomic_exchange(&s->corrupt, true);
     if (!was && fatal) {
-        lam_warn("qcow2: Marking image as corrupt: %s; further corruption events will be suppressed",
-                 msg);
+        lam_warn("qcow2: Marking image '%s' as corrupt: %s; further corruption events will be suppressed",
+                 s->name, msg);
         if (s->version >= 3) {
             s->incompat |= QCOW2_INCOMPAT_CORRUPT;
             if (qc_write_header_field(s, 72, 8, s->incompat) == 0) {
