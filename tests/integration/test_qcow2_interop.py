@@ -232,7 +232,9 @@ def test_preallocation(tmp_path):
 def test_measure_matches_qemu(tmp_path):
     for size, opts, qopts in [(1 << 30, {}, []),
                               (10 << 30, {"cluster-size": 4096}, ["-o", "cluster_size=4096"]),
-                              (123456 * 512, {"refcount-bits": 64}, ["-o", "refcount_bits=64"])]:
+                              (123456 * 512, {"refcount-bits": 64}, ["-o", "refcount_bits=64"]),
+                              (992578048, {"cluster-size": 512, "refcount-bits": 64},
+                               ["-o", "cluster_size=512,refcount_bits=64"])]:
         q = json.loads(qemu_img("measure", "--output=json", "-O", "qcow2", *qopts,
                                 "--size", str(size)).stdout)
         ours = json.loads(tool("measure", size, json.dumps(opts)).stdout)
