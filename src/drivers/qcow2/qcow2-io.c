@@ -615,8 +615,14 @@ static int zap_clusters(Qcow2State *s, int64_t off, int64_t bytes, int mode)
                     collect_old(s, &fl, old);
                 }
                 if (fl.n == 64) {
+                    /* No cache entry stays pinned while release_old waits. */
                     qc_cache_mark_dirty(s->l2_cache, t);
+                    qc_cache_put(s->l2_cache, t);
+                    t = NULL;
                     ret = release_old(s, &fl, c0, c0 + n);
+                    if (ret == 0) {
+                        ret = qc_get_l2_for_write(s, off, &t);
+                    }
                 }
             }
             if (t) {
