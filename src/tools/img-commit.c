@@ -22,15 +22,6 @@ typedef struct Layer {
     char *format;
 } Layer;
 
-static bool same_file(const char *a, const char *b)
-{
-    char ra[PATH_MAX], rb[PATH_MAX];
-    if (!strcmp(a, b)) {
-        return true;
-    }
-    return realpath(a, ra) && realpath(b, rb) && !strcmp(ra, rb);
-}
-
 /* qemu-img -o options that re-create the top image as it was. */
 static json_t *recreate_opts(LamNode *top)
 {
@@ -182,7 +173,7 @@ int img_commit(int argc, char **argv)
         bool is_base = true;
         if (base_arg) {
             char *rel = lam_path_combine(filename, base_arg);
-            is_base = same_file(fn, base_arg) || same_file(fn, rel);
+            is_base = img_same_file(fn, base_arg) || img_same_file(fn, rel);
             free(rel);
         }
         if (is_base) {

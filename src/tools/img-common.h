@@ -84,6 +84,9 @@ int img_chain_length(LamNode *bs);
 /* The image's cluster size if the format has one, else 0. */
 int64_t img_cluster_size(LamNode *bs);
 
+/* Whether two paths name the same file (after resolving links). */
+bool img_same_file(const char *a, const char *b);
+
 /* Progress line "    (12.34/100%)\r" on stdout. */
 void img_progress_start(bool enabled);
 void img_progress_set(double percent);
