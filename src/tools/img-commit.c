@@ -83,7 +83,7 @@ static int copy_to_base(ImgImage *top, ImgImage *base, int64_t size)
         int64_t pnum = 0, map;
         LamNode *file;
         int depth = 0;
-        int64_t want = size - off < IMG_CHUNK ? size - off : IMG_CHUNK;
+        int64_t want = size - off < IMG_BIG_CHUNK ? size - off : IMG_BIG_CHUNK;
         int st = lam_co_block_status_above(top->root, base->node, off, want,
                                            &pnum, &map, &file, &depth);
         if (st < 0) {
@@ -99,6 +99,9 @@ static int copy_to_base(ImgImage *top, ImgImage *base, int64_t size)
             if (st & LAM_BS_ZERO) {
                 r = lam_co_pwrite_zeroes(base->root, off, pnum, 0);
             } else {
+                if (pnum > IMG_CHUNK) {
+                    pnum = IMG_CHUNK;
+                }
                 r = lam_co_pread(top->root, off, pnum, buf, 0);
                 if (r >= 0) {
                     r = lam_co_pwrite(base->root, off, pnum, buf, 0);

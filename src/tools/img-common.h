@@ -94,6 +94,8 @@ void img_progress_end(void);
 
 /* Default request size for copying loops. */
 #define IMG_CHUNK (2 * 1024 * 1024)
+/* Largest range handled in one step when no data buffer is involved. */
+#define IMG_BIG_CHUNK (1024LL * 1024 * 1024)
 #define IMG_MAX_THREADS 16
 
 /* Runs fn(i, opaque) on n threads (n >= 1; 1 runs inline) and joins them.
