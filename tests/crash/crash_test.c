@@ -834,6 +834,10 @@ int main(int argc, char **argv)
     if (!rec) {
         goto out;
     }
+    /* Data, plus metadata even at 512-byte clusters with 64-bit refcounts,
+     * fits in 4x the guest size; far beyond that the driver is leaking
+     * space without bound. */
+    rec->max_len = 4 * x.img_size + (16 << 20);
     WorkloadParams wp = { .size = x.cfg.size, .cluster = x.cfg.cluster,
                           .nops = x.cfg.nops, .nthreads = x.cfg.threads,
                           .fill_max = x.cfg.fill_max,
