@@ -74,6 +74,8 @@ typedef struct Stats {
     int64_t final_file_size;
     /* qcow2 metadata growth, initial -> final (from the headers). */
     int64_t rt_clusters[2], refblocks[2], l2_tables[2];
+    /* The cleanly closed image, after the whole workload. */
+    int final_leaks_ours, final_leaks_qemu, final_corrupt;
 } Stats;
 
 typedef struct Ctx {
@@ -622,6 +624,36 @@ static int judge_cut(Ctx *x, Replay *rp, const Cut *c, int n, bool run_qemu)
     return 0;
 }
 
+/* The image as the workload left it (closed cleanly): no corruption, and
+ * a driver should not leak clusters when nothing crashed. */
+static int judge_final(Ctx *x, const CrashRec *rec)
+{
+    int ret = write_file(x->cut_path, rec->buf, rec->len);
+    if (ret < 0) {
+        return ret;
+    }
+    CheckCounts cc = { 0 };
+    if (!x->cfg.no_ours) {
+        check_ours(x->cut_path, x->cfg.fmt, &cc);
+        x->st.final_leaks_ours = cc.leaks;
+        x->st.final_corrupt += cc.corruptions + cc.errors + cc.open_failed;
+        if (cc.corruptions || cc.errors || cc.open_failed) {
+            fprintf(stderr, "FAIL final image, our check: %s\n", cc.msg ? cc.msg : "");
+        }
+        free(cc.msg);
+    }
+    if (!x->cfg.no_qemu) {
+        check_qemu(x->cut_path, x->cfg.fmt, &cc);
+        x->st.final_leaks_qemu = cc.leaks;
+        x->st.final_corrupt += cc.corruptions + cc.errors + cc.open_failed;
+        if (cc.corruptions || cc.errors || cc.open_failed) {
+            fprintf(stderr, "FAIL final image, qemu-img check: %s\n", cc.msg ? cc.msg : "");
+        }
+        free(cc.msg);
+    }
+    return 0;
+}
+
 static int cmp_size(const void *a, const void *b)
 {
     size_t x = *(const size_t *)a, y = *(const size_t *)b;
@@ -697,6 +729,7 @@ static int failures(const Stats *s)
     return s->corrupt_ours + s->corrupt_qemu + s->open_failures +
            s->check_errors + s->durability_failures + s->read_failures +
            s->workload_failures + s->reuse_corrupt + s->reuse_mismatch +
+           s->final_corrupt +
            s->reuse_errors;
 }
 
@@ -720,6 +753,9 @@ static void summary(const Ctx *x)
                (long long)s->refblocks[0], (long long)s->refblocks[1],
                (long long)s->l2_tables[0], (long long)s->l2_tables[1]);
     }
+    printf("  final image (closed cleanly): leaks ours %d, qemu-img %d;"
+           " corruptions/errors %d\n", s->final_leaks_ours, s->final_leaks_qemu,
+           s->final_corrupt);
     printf("  cut points tried: %d (%d at flushes, %d random)%s\n",
            s->flush_cuts + s->random_cuts, s->flush_cuts, s->random_cuts,
            s->time_limited ? " [time limit reached]" : "");
@@ -751,6 +787,9 @@ static void summary(const Ctx *x)
         "file_flushes", (json_int_t)s->file_flushes);
     json_object_set_new(j, "reuse_tried", json_integer(s->reuse_tried));
     json_object_set_new(j, "final_file_size", json_integer(s->final_file_size));
+    json_object_set_new(j, "final_leaks_ours", json_integer(s->final_leaks_ours));
+    json_object_set_new(j, "final_leaks_qemu", json_integer(s->final_leaks_qemu));
+    json_object_set_new(j, "final_corrupt", json_integer(s->final_corrupt));
     json_object_set_new(j, "refcount_table_clusters",
                         json_pack("[I,I]", (json_int_t)s->rt_clusters[0],
                                   (json_int_t)s->rt_clusters[1]));
@@ -881,6 +920,9 @@ int main(int argc, char **argv)
                 x.st.log_entries, x.st.file_flushes, elapsed(&x));
     }
 
+    if (judge_final(&x, rec) < 0) {
+        goto out;
+    }
     model_init(&x.model, &x.w, x.cfg.size, x.backing);
     if (run_cuts(&x, rec, init, init_len) < 0) {
         goto out_model;
