@@ -53,6 +53,9 @@ def assert_clean(s, p):
     # The test must have tried something meaningful.
     assert s["flush_cuts"] >= 10 and s["random_cuts"] >= 10, report
     assert s["ours_checked"] == s["cuts"], report
+    assert s["final_corrupt"] == 0, "the cleanly closed image is corrupt" + report
+    assert s["final_leaks_ours"] == 0 and s["final_leaks_qemu"] == 0, \
+        "the cleanly closed image leaks clusters" + report
     assert s["qemu_checked"] >= s["flush_cuts"], report
     if not s["time_limited"]:
         # Every flush of the file (plus the initial state) was a cut.
@@ -67,7 +70,7 @@ def assert_clean(s, p):
     # 32-bit refcounts at 512 B clusters with big sequential fills: one
     # refcount block covers 64 KiB and the table 4 MiB of file, so the
     # refcount table itself has to grow during the workload.
-    (512, 32, "8M", 40, ["--fill-max", "1M"]),
+    (512, 32, "8M", 50, ["--fill-max", "2M", "--qemu-every", 4]),
     # 64-bit refcounts, small writes only (see the xfail test below).
     (512, 64, "4M", 60, []),
 ], ids=["c512", "c4k", "c512-rc32-table-growth", "c512-rc64"])
@@ -85,8 +88,8 @@ def test_crash_qcow2_refcount_table_grows():
     """The growth config really grows the refcount table (else the test
     above would not cover that path)."""
     s, p = crash_run("--format", "qcow2", "--cluster-size", 512,
-                     "--refcount-bits", 32, "--size", "8M", "--ops", 40,
-                     "--fill-max", "1M", "--seed", 544, "--max-random-cuts", 0,
+                     "--refcount-bits", 32, "--size", "8M", "--ops", 50,
+                     "--fill-max", "2M", "--seed", 544, "--max-random-cuts", 0,
                      "--no-qemu", "--reuse-every", 0, time_limit=2)
     assert s["refcount_table_clusters"][1] > s["refcount_table_clusters"][0], p.stdout
     assert s["refcount_blocks"][1] > 8 and s["l2_tables"][1] > 50, p.stdout
