@@ -41,6 +41,7 @@ typedef struct Config {
     uint64_t seed;
     int random_per_interval;
     int max_random;
+    int drop_one;        /* single-loss cuts per flush interval */
     int qemu_every;      /* qemu check+read on every Nth random cut; 0 none */
     bool no_qemu;
     bool no_ours;        /* don't check/read with our driver */
@@ -58,7 +59,7 @@ typedef struct Config {
 } Config;
 
 typedef struct Stats {
-    int flush_cuts, random_cuts;
+    int flush_cuts, random_cuts, single_loss_cuts;
     int ours_checked, qemu_checked, ours_read, qemu_read;
     int corrupt_ours, corrupt_qemu;  /* images with corruptions */
     int open_failures, check_errors;
@@ -112,6 +113,8 @@ static void usage(void)
 "  --seed N                workload and cut seed (1)\n"
 "  --random-cuts N         random cuts per flush interval (2)\n"
 "  --max-random-cuts N     cap on random cuts (2000)\n"
+"  --single-loss N         per flush interval, up to N cuts that lose just\n"
+"                          one unflushed write and keep the rest (8)\n"
 "  --qemu-every N          qemu-img check/convert on every flush cut and\n"
 "                          every Nth random cut (1); 0: flush cuts only\n"
 "  --no-qemu               skip qemu-img entirely\n"
@@ -157,13 +160,13 @@ static int parse_args(Config *c, int argc, char **argv)
         { "create", 1, 0, 'C' }, { "cheat", 1, 0, 'X' },
         { "time-limit", 1, 0, 't' }, { "workdir", 1, 0, 'w' },
         { "keep-failures", 1, 0, 'k' }, { "help", 0, 0, 'h' },
-        { "expect-failures", 0, 0, 'E' }, { "fill-max", 1, 0, 'F' }, { "no-ours", 0, 0, 'O' },
+        { "expect-failures", 0, 0, 'E' }, { "single-loss", 1, 0, 'L' }, { "fill-max", 1, 0, 'F' }, { "no-ours", 0, 0, 'O' },
         { "reference-qemu", 0, 0, 'P' }, { "reuse-every", 1, 0, 'U' }, { "dump-log", 1, 0, 'D' },
         { 0, 0, 0, 0 },
     };
     *c = (Config){ .fmt = "qcow2", .size = 8 << 20, .cluster = 512,
                    .refcount_bits = 16, .nops = 300, .seed = 1, .threads = 1,
-                   .random_per_interval = 2, .max_random = 2000,
+                   .random_per_interval = 2, .max_random = 2000, .drop_one = 8,
                    .qemu_every = 1, .max_report = 10, .reuse_every = 4 };
     int opt;
     while ((opt = getopt_long(argc, argv, "vh", lo, NULL)) != -1) {
@@ -191,6 +194,7 @@ static int parse_args(Config *c, int argc, char **argv)
         case 'w': c->workdir = optarg; break;
         case 'k': c->keep_dir = optarg; break;
         case 'E': c->expect_failures = true; break;
+        case 'L': c->drop_one = atoi(optarg); break;
         case 'F': c->fill_max = parse_size(optarg); break;
         case 'O': c->no_ours = true; break;
         case 'P': c->ref_qemu = true; break;
@@ -224,6 +228,7 @@ static int parse_args(Config *c, int argc, char **argv)
         c->nops *= atoi(soak);
         c->random_per_interval *= atoi(soak);
         c->max_random *= atoi(soak);
+        c->drop_one *= atoi(soak);
     }
     return 0;
 }
@@ -412,9 +417,14 @@ static bool should_report(Ctx *x)
 
 static void describe_cut(const Cut *c, int n, const char *what)
 {
-    fprintf(stderr, "FAIL cut %d (%s, barrier %zu, pos %zu, kept %d, dropped %d,"
-            " torn %d%s): %s\n", n, c->flush_cut ? "flush" : "random",
-            c->barrier, c->pos, c->kept, c->dropped, c->torn,
+    char lost[64] = "";
+    if (c->drop_only >= 0) {
+        snprintf(lost, sizeof(lost), " only log entry %ld lost,", c->drop_only);
+    }
+    fprintf(stderr, "FAIL cut %d (%s, barrier %zu, pos %zu,%s kept %d, dropped %d,"
+            " torn %d%s): %s\n", n,
+            c->flush_cut ? "flush" : c->drop_only >= 0 ? "single-loss" : "random",
+            c->barrier, c->pos, lost, c->kept, c->dropped, c->torn,
             c->dropped_flushed >= 0 ? ", cheat dropped a flushed write" : "",
             what);
 }
@@ -619,7 +629,8 @@ static int judge_cut(Ctx *x, Replay *rp, const Cut *c, int n, bool run_qemu)
         judge_reuse(x, c, n, run_qemu, &failed);
     }
     if (failed) {
-        keep_image(x, c->flush_cut ? "flush" : "random", n, rp->img, rp->img_len);
+        keep_image(x, c->flush_cut ? "flush" : c->drop_only >= 0 ? "single-loss" : "random",
+                   n, rp->img, rp->img_len);
     }
     return 0;
 }
@@ -677,7 +688,8 @@ static int run_cuts(Ctx *x, CrashRec *rec, const uint8_t *init, int64_t init_len
             x->st.time_limited = true;
             break;
         }
-        Cut c = { .barrier = barrier, .pos = barrier, .flush_cut = true };
+        Cut c = { .barrier = barrier, .pos = barrier, .flush_cut = true,
+                  .drop_only = -1 };
         ret = replay_build(&rp, &c, rng_next(&rng), x->cfg.cheat);
         if (ret == 0) {
             x->st.flush_cuts++;
@@ -688,24 +700,24 @@ static int run_cuts(Ctx *x, CrashRec *rec, const uint8_t *init, int64_t init_len
             continue;
         }
         /* Random cuts in (barrier, next]: sorted, so the durable prefix of
-         * the content model only grows. */
+         * the content model only grows; half of them at the next flush
+         * (the widest choice of subsets). */
         int k = x->cfg.random_per_interval;
         if (x->st.random_cuts + k > x->cfg.max_random) {
             k = x->cfg.max_random - x->st.random_cuts;
         }
-        if (k <= 0 || span == 0) {
+        if (span == 0) {
             continue;
         }
         size_t pos[64];
-        if (k > 64) {
-            k = 64;
-        }
+        k = k < 0 ? 0 : k > 64 ? 64 : k;
         for (int i = 0; i < k; i++) {
-            pos[i] = barrier + 1 + (size_t)rng_below(&rng, span);
+            pos[i] = rng_below(&rng, 2) ? next :
+                     barrier + 1 + (size_t)rng_below(&rng, span);
         }
         qsort(pos, (size_t)k, sizeof(pos[0]), cmp_size);
         for (int i = 0; i < k && ret == 0; i++) {
-            Cut rc = { .barrier = barrier, .pos = pos[i] };
+            Cut rc = { .barrier = barrier, .pos = pos[i], .drop_only = -1 };
             ret = replay_build(&rp, &rc, rng_next(&rng), x->cfg.cheat);
             if (ret == 0) {
                 x->st.random_cuts++;
@@ -714,7 +726,34 @@ static int run_cuts(Ctx *x, CrashRec *rec, const uint8_t *init, int64_t init_len
                 ret = judge_cut(x, &rp, &rc, n++, q);
             }
         }
-        if (x->cfg.verbose && bi % 50 == 0) {
+        /* Single-loss cuts, at the next flush (after the random ones, which
+         * are at or before it). */
+        size_t cand[4096];
+        size_t nc = 0;
+        for (size_t i = barrier; i < next && nc < 4096; i++) {
+            if (rec->log[i].type != CR_FLUSH) {
+                cand[nc++] = i;
+            }
+        }
+        int d = x->cfg.drop_one < (int)nc ? x->cfg.drop_one : (int)nc;
+        for (int i = 0; i < d; i++) {
+            size_t j = i + (size_t)rng_below(&rng, nc - (size_t)i);
+            size_t t = cand[i];
+            cand[i] = cand[j];
+            cand[j] = t;
+        }
+        for (int i = 0; i < d && ret == 0; i++) {
+            Cut sc = { .barrier = barrier, .pos = next, .drop_only = (long)cand[i] };
+            ret = replay_build(&rp, &sc, rng_next(&rng), x->cfg.cheat);
+            if (ret == 0) {
+                x->st.single_loss_cuts++;
+                bool q = !x->cfg.no_qemu && x->cfg.qemu_every > 0 &&
+                         (x->st.single_loss_cuts + x->st.random_cuts) %
+                         x->cfg.qemu_every == 0;
+                ret = judge_cut(x, &rp, &sc, n++, q);
+            }
+        }
+    if (x->cfg.verbose && bi % 50 == 0) {
             fprintf(stderr, "  barrier %zu/%zu, %d cuts, %.1fs\n", bi, nfl, n,
                     elapsed(x));
         }
@@ -756,8 +795,9 @@ static void summary(const Ctx *x)
     printf("  final image (closed cleanly): leaks ours %d, qemu-img %d;"
            " corruptions/errors %d\n", s->final_leaks_ours, s->final_leaks_qemu,
            s->final_corrupt);
-    printf("  cut points tried: %d (%d at flushes, %d random)%s\n",
-           s->flush_cuts + s->random_cuts, s->flush_cuts, s->random_cuts,
+    printf("  cut points tried: %d (%d at flushes, %d random, %d single-loss)%s\n",
+           s->flush_cuts + s->random_cuts + s->single_loss_cuts, s->flush_cuts,
+           s->random_cuts, s->single_loss_cuts,
            s->time_limited ? " [time limit reached]" : "");
     printf("  checked by ours: %d, by qemu-img: %d; read back by ours: %d, by qemu-img: %d\n",
            s->ours_checked, s->qemu_checked, s->ours_read, s->qemu_read);
@@ -774,7 +814,8 @@ static void summary(const Ctx *x)
         "{s:s, s:I, s:i, s:i, s:i, s:i, s:i, s:i, s:i, s:i, s:i, s:i, s:i,"
         " s:i, s:i, s:i, s:i, s:b, s:b, s:I, s:I}",
         "format", x->cfg.fmt, "cluster_size", (json_int_t)x->cfg.cluster,
-        "cuts", s->flush_cuts + s->random_cuts, "flush_cuts", s->flush_cuts,
+        "cuts", s->flush_cuts + s->random_cuts + s->single_loss_cuts,
+        "flush_cuts", s->flush_cuts,
         "random_cuts", s->random_cuts, "ours_checked", s->ours_checked,
         "qemu_checked", s->qemu_checked, "ours_read", s->ours_read,
         "qemu_read", s->qemu_read, "corrupt_ours", s->corrupt_ours,
@@ -786,6 +827,7 @@ static void summary(const Ctx *x)
         x->cfg.cheat != CHEAT_NONE, "log_entries", (json_int_t)s->log_entries,
         "file_flushes", (json_int_t)s->file_flushes);
     json_object_set_new(j, "reuse_tried", json_integer(s->reuse_tried));
+    json_object_set_new(j, "single_loss_cuts", json_integer(s->single_loss_cuts));
     json_object_set_new(j, "final_file_size", json_integer(s->final_file_size));
     json_object_set_new(j, "final_leaks_ours", json_integer(s->final_leaks_ours));
     json_object_set_new(j, "final_leaks_qemu", json_integer(s->final_leaks_qemu));
