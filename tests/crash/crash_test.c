@@ -53,6 +53,7 @@ typedef struct Config {
     const char *workdir;
     const char *keep_dir;
     const char *dump_log;
+    json_t *drv_opts;    /* extra options for the node under test */
     int reuse_every;     /* continue writing on every Nth cut's image; 0 never */
     int verbose;
     int max_report;
@@ -129,6 +130,8 @@ static void usage(void)
 "  --time-limit SECONDS    stop trying cuts after this long (0: none)\n"
 "  --workdir DIR           scratch directory (default: mkdtemp)\n"
 "  --keep-failures DIR     copy failing images there\n"
+"  --drv-opt KEY=VALUE      option for the node under test while recording,\n"
+"                          e.g. l2-cache-size=1024 to force cache evictions\n"
 "  --dump-log FILE         write the recorded file log (one entry a line)\n"
 "  --expect-failures       exit 0 only if failures were found (for\n"
 "                          testing the test with --cheat)\n"
@@ -160,7 +163,7 @@ static int parse_args(Config *c, int argc, char **argv)
         { "create", 1, 0, 'C' }, { "cheat", 1, 0, 'X' },
         { "time-limit", 1, 0, 't' }, { "workdir", 1, 0, 'w' },
         { "keep-failures", 1, 0, 'k' }, { "help", 0, 0, 'h' },
-        { "expect-failures", 0, 0, 'E' }, { "single-loss", 1, 0, 'L' }, { "fill-max", 1, 0, 'F' }, { "no-ours", 0, 0, 'O' },
+        { "expect-failures", 0, 0, 'E' }, { "drv-opt", 1, 0, 'o' + 256 }, { "single-loss", 1, 0, 'L' }, { "fill-max", 1, 0, 'F' }, { "no-ours", 0, 0, 'O' },
         { "reference-qemu", 0, 0, 'P' }, { "reuse-every", 1, 0, 'U' }, { "dump-log", 1, 0, 'D' },
         { 0, 0, 0, 0 },
     };
@@ -194,6 +197,23 @@ static int parse_args(Config *c, int argc, char **argv)
         case 'w': c->workdir = optarg; break;
         case 'k': c->keep_dir = optarg; break;
         case 'E': c->expect_failures = true; break;
+        case 'o' + 256: {
+            char *eq = strchr(optarg, '=');
+            if (!eq) {
+                fprintf(stderr, "--drv-opt wants key=value\n");
+                return -1;
+            }
+            char *end;
+            long long v = strtoll(eq + 1, &end, 0);
+            if (!c->drv_opts) {
+                c->drv_opts = json_object();
+            }
+            char *key = strndup(optarg, (size_t)(eq - optarg));
+            json_object_set_new(c->drv_opts, key, *end || end == eq + 1 ?
+                                json_string(eq + 1) : json_integer(v));
+            free(key);
+            break;
+        }
         case 'L': c->drop_one = atoi(optarg); break;
         case 'F': c->fill_max = parse_size(optarg); break;
         case 'O': c->no_ours = true; break;
@@ -293,6 +313,9 @@ static int record_workload(Ctx *x, CrashRec *rec)
     LamError *err = NULL;
     json_t *opts = json_pack("{s:s, s:{s:s, s:s}}", "driver", x->cfg.fmt,
                              "file", "driver", "recorder", "filename", rec->name);
+    if (x->cfg.drv_opts) {
+        json_object_update(opts, x->cfg.drv_opts);
+    }
     LamNode *bs = lam_node_open(opts, LAM_O_RDWR, &err);
     json_decref(opts);
     if (!bs) {
@@ -984,5 +1007,6 @@ out:
     free(x.got);
     free(x.expect);
     rm_rf_workdir(dir, made);
+    json_decref(x.cfg.drv_opts);
     return status;
 }
