@@ -77,6 +77,7 @@ void qmp_request_quit(void);
 /* Adds a node like blockdev-add (used for --blockdev too). */
 int qmp_blockdev_add(json_t *opts, LamError **errp);
 int qmp_export_add(json_t *opts, LamError **errp); /* --export */
+extern const QmpType qmp_export_options; /* BlockExportOptions */
 /* Flushes and closes every monitor-owned node (shutdown). */
 void qmp_block_close_all(void);
 
