@@ -326,8 +326,10 @@ int main(int argc, char **argv)
         const QmpType *schema = o.acts[i].kind == ACT_BLOCKDEV ? &qmp_blockdev_options
                                                                : &qmp_export_options;
         const char *a = o.acts[i].arg;
-        json_t *opts = strchr("{[", a[strspn(a, " \t")]) && a[strspn(a, " \t")] ? qmp_json_parse(a, &err)
-                                                  : qmp_keyval_parse(a, schema, &err);
+        char first = a[strspn(a, " \t")];
+        json_t *opts = first == '{' || first == '['
+                           ? qmp_json_parse(a, &err)
+                           : qmp_keyval_parse(a, schema, &err);
         if (opts && !json_is_object(opts)) {
             lam_error_setg(&err, "expected a JSON object");
         }
