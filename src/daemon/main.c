@@ -314,6 +314,7 @@ int main(int argc, char **argv)
     qmp_control_init();
     qmp_block_init();
     qmp_export_init();
+    qmp_schema_init();
 
     LamError *err = NULL;
     if (o.nbd && lam_nbd_server_start_str(o.nbd, &err) < 0) {

@@ -62,6 +62,7 @@ void qmp_session_set_negotiated(QmpSession *s, bool oob);
 void qmp_control_init(void);
 void qmp_block_init(void);
 void qmp_export_init(void);
+void qmp_schema_init(void); /* query-qmp-schema */
 
 /* ---- server (src/qmp/server.c) ---- */
 /* Listens on a UNIX socket (mode 0600, replaces a stale socket file). */
