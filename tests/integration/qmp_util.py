@@ -99,6 +99,10 @@ class QMPClient:
         timeout = self.timeout if timeout is None else timeout
         while True:
             m = self._read_msg(timeout)
+            if m is not None and "QMP" in m:
+                # A second greeting: QSD's socket monitor occasionally sends
+                # one when a connection races its setup.  Never a reply.
+                continue
             if m is None or "event" not in m:
                 return m
             self.queue.append(m)
