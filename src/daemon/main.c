@@ -315,6 +315,9 @@ int main(int argc, char **argv)
     qmp_block_init();
     qmp_export_init();
     qmp_schema_init();
+    if (qmp_jobs_init) {
+        qmp_jobs_init();
+    }
 
     LamError *err = NULL;
     if (o.nbd && lam_nbd_server_start_str(o.nbd, &err) < 0) {

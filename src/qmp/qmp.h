@@ -59,6 +59,10 @@ bool qmp_session_negotiated(const QmpSession *s);
 void qmp_session_set_negotiated(QmpSession *s, bool oob);
 
 /* Registration of the built-in command sets (called by main). */
+/* Optional hook for the jobs layer: if some daemon source defines it, main
+ * calls it after the built-in sets and before --blockdev/--export are
+ * applied (register commands, blockdev drivers such as copy-before-write). */
+void qmp_jobs_init(void) __attribute__((weak));
 void qmp_control_init(void);
 void qmp_block_init(void);
 void qmp_export_init(void);
