@@ -215,3 +215,21 @@ def test_keyval_errors(tmp_path, arg, msg, flavor):
     assert p.returncode == 1
     assert f"--blockdev {arg}: {msg}" in p.stderr if flavor == "qsd" else \
         f"--blockdev: {msg}" in p.stderr, p.stderr
+
+
+def test_client_limit(tmp_path):
+    """64 QMP clients at once; more are refused, and the daemon stays fine."""
+    import socket as so
+    with Daemon([], tmp_path) as d:
+        clients = [d.qmp] + [d.connect(negotiate=False) for _ in range(63)]
+        extra = so.socket(so.AF_UNIX)
+        extra.settimeout(5)
+        extra.connect(d.sock)
+        assert extra.recv(100) == b""  # closed without a greeting
+        extra.close()
+        clients[-1].close()
+        d.clients.remove(clients[-1])
+        time.sleep(0.2)
+        c = d.connect()  # a slot is free again
+        assert "qemu" in c.cmd("query-version")
+        assert d.stop() == 0
