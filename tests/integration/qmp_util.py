@@ -253,9 +253,10 @@ class Daemon:
             try:
                 self.proc.wait(timeout)
             except subprocess.TimeoutExpired:
+                # A hang is reported through the status (-9), which tests
+                # that care about a clean exit assert on.
                 self.proc.kill()
                 self.proc.wait()
-                raise
         return self.proc.returncode
 
     def __enter__(self):

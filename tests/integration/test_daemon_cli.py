@@ -195,9 +195,13 @@ def test_keyval_command_line(tmp_path, flavor):
             ("f", "file", True, 65536), ("f2", "file", True, 65536),
             ("n", "null-co", False, 1 << 20), ("r", "raw", True, 1024), ("r2", "raw", True, 65536),
         ]
-        # (QEMU shows json: pseudo-filenames for null-co and raw with offset.)
         files = {n["node-name"]: n["file"] for n in nodes}
         assert files["f"] == files["f2"] == files["r2"] == str(img)
+        # json: pseudo filenames where the path doesn't describe the node
+        assert json.loads(files["n"][5:]) == {"driver": "null-co", "size": 1 << 20,
+                                              "read-zeroes": True}
+        assert json.loads(files["r"][5:]) == {"driver": "raw", "offset": 512, "size": 1024,
+                                              "file": {"driver": "file", "filename": str(img)}}
 
 
 @pytest.mark.parametrize("flavor", ["laminad", "qsd"])
