@@ -146,3 +146,21 @@ def test_backing_B_not_in_source_chain(tmp_path):
     own = sum(e["length"] for e in m if e["depth"] == 0 and e["present"])
     # top wrote 64k + 1M (zeroes) + 128k over mid.
     assert 0 < own <= (64 << 10) + (1 << 20) + (128 << 10)
+
+
+@pytest.mark.parametrize("cache", ["none", "directsync", "writeback", "unsafe"])
+@pytest.mark.parametrize("fmt", ["qcow2", "raw"])
+def test_cache_modes(tmp_path, cache, fmt):
+    src = mixed_qcow2(str(tmp_path / "s.qcow2"))
+    dst = str(tmp_path / f"d.{fmt}")
+    lam("convert", "-t", cache, "-W", "-O", fmt, src, dst)
+    assert_same_content(src, dst, "qcow2", fmt)
+    if fmt == "qcow2":
+        assert_qemu_clean(dst)
+
+
+def test_bad_cache_mode(tmp_path):
+    src = raw_with_holes(str(tmp_path / "s.raw"))
+    p = lam("convert", "-t", "bogus", "-O", "raw", src, tmp_path / "d.raw", check=False)
+    assert p.returncode == 1
+    assert "Invalid cache option" in p.stderr
