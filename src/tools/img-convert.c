@@ -21,8 +21,16 @@
 #include "tools/img-common.h"
 #include "tools/img-fmtopts.h"
 
+#define MAX_SOURCES 64
+
 typedef struct Conv {
-    ImgImage src, dst, base;
+    /* Several sources are concatenated, as qemu-img does. */
+    ImgImage src[MAX_SOURCES];
+    int nsrc;
+    int64_t src_start[MAX_SOURCES + 1]; /* offset of each source; [nsrc] = end */
+    int64_t src_len[MAX_SOURCES];       /* its length; its slot is rounded
+                                         * up to 512 bytes as in qemu-img */
+    ImgImage dst, base;
     bool has_base;
     LamNode *src_base;   /* the -B file inside the source's chain, if there */
     int64_t size;        /* bytes to write: the target's length when we
@@ -55,6 +63,44 @@ static int64_t min64(int64_t a, int64_t b)
     return a < b ? a : b;
 }
 
+/* The source holding byte off (off < src_size). */
+static int src_index(Conv *c, int64_t off)
+{
+    int i = 0;
+    while (i + 1 < c->nsrc && off >= c->src_start[i + 1]) {
+        i++;
+    }
+    return i;
+}
+
+/* Reads [off, off+len) of the concatenated sources; zeroes past them. */
+static int read_sources(Conv *c, int64_t off, int64_t len, uint8_t *buf)
+{
+    while (len > 0) {
+        if (off >= c->src_size) {
+            memset(buf, 0, len);
+            return 0;
+        }
+        int i = src_index(c, off);
+        int64_t n = min64(len, c->src_start[i + 1] - off);
+        int64_t lo = off - c->src_start[i];
+        int64_t have = min64(n, c->src_len[i] - lo);
+        if (have > 0) {
+            int r = lam_co_pread(c->src[i].root, lo, have, buf, 0);
+            if (r < 0) {
+                return r;
+            }
+        } else {
+            have = 0;
+        }
+        memset(buf + have, 0, n - have);
+        off += n;
+        buf += n;
+        len -= n;
+    }
+    return 0;
+}
+
 /* Under c->lock: refreshes the cached source status at c->next_off. */
 static int refresh_status(Conv *c)
 {
@@ -69,14 +115,23 @@ static int refresh_status(Conv *c)
     int64_t pnum = 0, map;
     LamNode *file;
     int depth = 0;
-    int st = lam_co_block_status_above(c->src.root, c->src_base, o,
-                                       c->src_size - o, &pnum, &map, &file,
-                                       &depth);
+    int i = src_index(c, o);
+    int64_t lo = o - c->src_start[i], left = c->src_len[i] - lo;
+    if (left <= 0) {
+        /* The rounding tail of a source whose length isn't a multiple
+         * of 512. */
+        c->st_end = c->src_start[i + 1];
+        c->st_zero = true;
+        c->st_skip = false;
+        return 0;
+    }
+    int st = lam_co_block_status_above(c->src[i].root, c->src_base, lo, left,
+                                       &pnum, &map, &file, &depth);
     if (st < 0) {
         return st;
     }
-    if (pnum <= 0) {
-        pnum = c->src_size - o;
+    if (pnum <= 0 || pnum > left) {
+        pnum = left;
     }
     c->st_end = o + pnum;
     c->st_zero = (st & LAM_BS_ZERO) || depth == 0;
@@ -255,11 +310,7 @@ static int worker(int idx, void *opaque)
         int r = 0;
         uint8_t *data = NULL;
         if (!zero && !skip) {
-            int64_t n = min64(len, c->src_size - off);
-            r = lam_co_pread(c->src.root, off, n, buf, 0);
-            if (n < len) {
-                memset(buf + n, 0, len - n);
-            }
+            r = read_sources(c, off, len, buf);
             data = buf;
         }
         if (r >= 0 && c->has_base && !skip) {
@@ -409,8 +460,12 @@ int img_convert(int argc, char **argv)
         img_help_hint();
         goto out_opts;
     }
-    if (argc - optind > 2) {
-        img_error("Converting several source images into one is not supported");
+    if (argc - optind - 1 > MAX_SOURCES) {
+        img_error("At most %d source images are supported", MAX_SOURCES);
+        goto out_opts;
+    }
+    if (base && argc - optind > 2) {
+        img_error("-B is not supported with several source images");
         goto out_opts;
     }
     if (base && !base_fmt && !skip_create) {
@@ -428,16 +483,24 @@ int img_convert(int argc, char **argv)
     if (img_quiet) {
         progress = false;
     }
-    const char *src_name = argv[optind], *dst_name = argv[optind + 1];
+    const char *dst_name = argv[argc - 1];
 
-    if (img_open(&cv.src, src_name, fmt, share ? IMG_OPEN_SHARE : 0, NULL,
-                 NULL) < 0) {
-        goto out_opts;
-    }
-    cv.size = lam_node_length(cv.src.node);
-    if (cv.size < 0) {
-        img_error("Could not get size of '%s': %s", src_name, strerror((int)-cv.size));
-        goto out_src;
+    for (int i = optind; i < argc - 1; i++) {
+        ImgImage *si = &cv.src[cv.nsrc];
+        if (img_open(si, argv[i], fmt, share ? IMG_OPEN_SHARE : 0, NULL,
+                     NULL) < 0) {
+            goto out_src;
+        }
+        cv.nsrc++;
+        int64_t l = lam_node_length(si->node);
+        if (l < 0) {
+            img_error("Could not get size of %s: %s", argv[i], strerror((int)-l));
+            goto out_src;
+        }
+        cv.src_start[cv.nsrc - 1] = cv.size;
+        cv.src_len[cv.nsrc - 1] = l;
+        cv.size += (l + 511) / 512 * 512;
+        cv.src_start[cv.nsrc] = cv.size;
     }
     if (!skip_create) {
         if (base) {
@@ -462,6 +525,13 @@ int img_convert(int argc, char **argv)
         }
     } else {
         int64_t dl = lam_node_length(cv.dst.node);
+        if (dl >= 0 && dl < cv.size && (dl + 511) / 512 * 512 >= cv.size) {
+            /* Only the 512-byte rounding of an odd-sized target differs. */
+            cv.size = dl;
+            if (cv.src_size > dl) {
+                cv.src_size = dl;
+            }
+        }
         if (dl >= 0 && dl < cv.size) {
             img_error("Target image is too small (%lld bytes, need %lld)",
                       (long long)dl, (long long)cv.size);
@@ -476,7 +546,7 @@ int img_convert(int argc, char **argv)
             goto out_dst;
         }
         cv.has_base = true;
-        for (LamNode *n = lam_node_backing_node(cv.src.node); n;
+        for (LamNode *n = lam_node_backing_node(cv.src[0].node); n;
              n = lam_node_backing_node(n)) {
             if (img_same_file(lam_node_filename(n), lam_node_filename(cv.base.node))) {
                 cv.src_base = n;
@@ -543,7 +613,9 @@ out_dst:
     }
     img_close(&cv.dst);
 out_src:
-    img_close(&cv.src);
+    for (int i = 0; i < cv.nsrc; i++) {
+        img_close(&cv.src[i]);
+    }
 out_opts:
     json_decref(o);
     return ret;

@@ -164,3 +164,26 @@ def test_bad_cache_mode(tmp_path):
     p = lam("convert", "-t", "bogus", "-O", "raw", src, tmp_path / "d.raw", check=False)
     assert p.returncode == 1
     assert "Invalid cache option" in p.stderr
+
+
+def test_several_sources_concatenated(tmp_path):
+    a = mixed_qcow2(str(tmp_path / "a.qcow2"))
+    odd = tmp_path / "odd.raw"
+    odd.write_bytes(os.urandom(1000000))
+    b = raw_with_holes(str(tmp_path / "b.raw"))
+    ours, theirs = str(tmp_path / "l.qcow2"), str(tmp_path / "q.qcow2")
+    lam("convert", "-W", "-O", "qcow2", a, odd, b, ours)
+    qimg("convert", "-O", "qcow2", a, odd, b, theirs)
+    assert_qemu_clean(ours)
+    assert_same_content(ours, theirs)
+    assert jqimg("info", "--output=json", ours)["virtual-size"] == \
+        jqimg("info", "--output=json", theirs)["virtual-size"]
+
+
+def test_skip_create_odd_raw_target(tmp_path):
+    src = tmp_path / "odd.raw"
+    src.write_bytes(os.urandom(1000000))
+    dst = tmp_path / "t.raw"
+    dst.write_bytes(b"\0" * 1000000)
+    lam("convert", "-n", "-f", "raw", "-O", "raw", src, dst)
+    assert dst.read_bytes() == src.read_bytes()
