@@ -44,7 +44,8 @@ typedef struct Conv {
     bool target_zeroed;  /* target reads as zeroes before we write */
     bool ordered;        /* no -W */
 
-    /* lock protects everything below; cond signals write_seq changes. */
+    /* lock protects everything below (scheduling state shared by the
+     * workers); cond is broadcast when write_seq, writers or err change. */
     pthread_mutex_t lock;
     pthread_cond_t cond;
     int64_t next_off;
