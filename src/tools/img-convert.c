@@ -157,6 +157,7 @@ static bool next_chunk(Conv *c, int64_t *off, int64_t *len, bool *zero,
             int r = refresh_status(c);
             if (r < 0) {
                 c->err = r;
+                pthread_cond_broadcast(&c->cond);
                 return false;
             }
         }
