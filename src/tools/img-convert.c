@@ -56,6 +56,8 @@ typedef struct Conv {
     int writers;         /* writes in progress */
     int max_writers;     /* -W: writes allowed at once */
     int err;
+    int64_t err_off;     /* where the first failed request started */
+    bool err_read;       /* it was a read */
     int64_t done;
 } Conv;
 
@@ -342,6 +344,7 @@ static int worker(int idx, void *opaque)
             pthread_mutex_unlock(&c->lock);
             break;
         }
+        bool rd_err = r < 0;
         if (r >= 0 && !skip) {
             r = write_chunk(c, off, len, data, bbuf);
         }
@@ -349,6 +352,8 @@ static int worker(int idx, void *opaque)
         c->writers--;
         if (r < 0 && !c->err) {
             c->err = r;
+            c->err_off = off;
+            c->err_read = rd_err;
         }
         c->write_seq++;
         c->done += len;
@@ -596,7 +601,8 @@ int img_convert(int argc, char **argv)
     }
     if (r < 0) {
         img_progress_end();
-        img_error("error while writing at byte %lld: %s", (long long)cv.next_off,
+        img_error("error while %s at byte %lld: %s",
+                  cv.err_read ? "reading" : "writing", (long long)cv.err_off,
                   strerror(-r));
     } else {
         img_progress_set(100.0);
