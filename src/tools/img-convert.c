@@ -39,7 +39,9 @@ typedef struct Conv {
     int64_t base_size;
     int64_t gran;        /* write granularity: target cluster (or 4k) */
     int64_t chunk;
-    int64_t sparse;      /* -S in bytes; 0: no zero detection in data */
+    int64_t sparse;      /* -S in bytes */
+    bool full;           /* -S 0: write every byte, the target is fully
+                          * allocated (no status or zero checks) */
     bool compress;
     bool target_zeroed;  /* target reads as zeroes before we write */
     bool ordered;        /* no -W */
@@ -108,6 +110,12 @@ static int read_sources(Conv *c, int64_t off, int64_t len, uint8_t *buf)
 static int refresh_status(Conv *c)
 {
     int64_t o = c->next_off;
+    if (c->full) {
+        c->st_end = c->size;
+        c->st_zero = false;
+        c->st_skip = false;
+        return 0;
+    }
     if (o >= c->src_size) {
         /* Tail of a target rounded up past the source: zeroes. */
         c->st_end = c->size;
@@ -221,6 +229,9 @@ static int write_zeroes(Conv *c, int64_t off, int64_t len)
 static int write_chunk(Conv *c, int64_t off, int64_t len, uint8_t *buf,
                        uint8_t *bbuf)
 {
+    if (c->full && !c->compress) {
+        return lam_co_pwrite(c->dst.root, off, len, buf, 0);
+    }
     if (!buf && !c->has_base) {
         return write_zeroes(c, off, len);
     }
@@ -317,7 +328,7 @@ static int worker(int idx, void *opaque)
             r = read_sources(c, off, len, buf);
             data = buf;
         }
-        if (r >= 0 && c->has_base && !skip) {
+        if (r >= 0 && c->has_base && !skip && !c->full) {
             memset(bbuf, 0, len);
             if (off < c->base_size) {
                 r = lam_co_pread(c->base.root, off, min64(len, c->base_size - off),
@@ -580,6 +591,7 @@ int img_convert(int argc, char **argv)
     }
     cv.chunk = cv.chunk / cv.gran * cv.gran;
     cv.sparse = sparse;
+    cv.full = sparse == 0;
     cv.compress = compress;
     cv.target_zeroed = (!skip_create || target_is_zero) && !base;
     cv.ordered = !wr_oo;

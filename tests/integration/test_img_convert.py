@@ -187,3 +187,17 @@ def test_skip_create_odd_raw_target(tmp_path):
     dst.write_bytes(b"\0" * 1000000)
     lam("convert", "-n", "-f", "raw", "-O", "raw", src, dst)
     assert dst.read_bytes() == src.read_bytes()
+
+
+@pytest.mark.parametrize("extra", [[], ["-B", "s.qcow2", "-F", "qcow2"]])
+def test_sparse_zero_means_fully_allocated(tmp_path, extra):
+    src = mixed_qcow2(str(tmp_path / "s.qcow2"))
+    ours, theirs = str(tmp_path / "l.qcow2"), str(tmp_path / "q.qcow2")
+    lam("convert", "-S", "0", "-O", "qcow2", *extra, src, ours)
+    qimg("convert", "-S", "0", "-O", "qcow2", *extra, src, theirs)
+    assert jqimg("map", "--output=json", ours) == jqimg("map", "--output=json", theirs)
+    assert_qemu_clean(ours)
+    assert_same_content(src, ours)
+    raw = str(tmp_path / "l.raw")
+    lam("convert", "-S", "0", "-O", "raw", src, raw)
+    assert os.stat(raw).st_blocks * 512 >= 64 << 20
