@@ -15,7 +15,7 @@ static const struct {
     {"check", img_check, "check [-q] [-f fmt] [--output=ofmt] [-r [leaks | all]] [-U] filename"},
     {"commit", img_commit, "commit [-q] [-f fmt] [-b base] [-d] [-p] filename"},
     {"compare", img_compare, "compare [-f fmt] [-F fmt] [-p] [-q] [-s] [-U] filename1 filename2"},
-    {"convert", img_convert, "convert [-U] [-c] [-p] [-q] [-n] [-f fmt] [-O output_fmt] [-B backing_file [-F backing_fmt]] [-o options] [-S sparse_size] [-m num_coroutines] [-W] filename output_filename"},
+    {"convert", img_convert, "convert [-U] [-c] [-p] [-q] [-n] [-f fmt] [-O output_fmt] [-B backing_file [-F backing_fmt]] [-o options] [-S sparse_size] [-m num_coroutines] [-W] [-t cache] filename [filename2 [...]] output_filename"},
     {"create", img_create, "create [-q] [-f fmt] [-b backing_file [-F backing_fmt]] [-u] [-o options] filename [size]"},
     {"info", img_info, "info [-f fmt] [--output=ofmt] [--backing-chain] [-U] filename"},
     {"map", img_map, "map [-f fmt] [--start-offset=offset] [--max-length=len] [--output=ofmt] [-U] filename"},
