@@ -60,6 +60,8 @@ static void deadline_in(struct timespec *ts, int64_t us)
     }
 }
 
+static int spawn_worker(LamThreadPool *p);
+
 static void *worker_main(void *opaque)
 {
     LamThreadPool *p = opaque;
@@ -77,6 +79,12 @@ static void *worker_main(void *opaque)
             }
             p->nqueued--;
             p->nrunning++;
+            if (p->head && p->nidle == 0 && p->nwoken == 0 &&
+                p->nthreads < p->max_threads) {
+                /* Tasks wait behind us and nobody is free to notice if we
+                 * block: start a spare that watches the queue's age. */
+                spawn_worker(p);
+            }
             pthread_mutex_unlock(&p->lock);
 
             t->fn(t);
