@@ -18,6 +18,7 @@
 #include <stdbool.h>
 #include <stddef.h>
 #include <stdint.h>
+#include <sys/types.h>
 #include <sys/uio.h>
 
 #include "lamina/block.h"
@@ -58,12 +59,17 @@ typedef struct NbdReq {
     struct NbdReq *next_free;
 } NbdReq;
 
-#define NBD_CONN_SLOTS 32
+/* Requests in flight per connection: also the most pool workers one
+ * client can tie up (e.g. by not reading its replies). */
+#define NBD_CONN_SLOTS 16
 /* Payload bytes buffered for in-flight requests of one connection. */
 #define NBD_CONN_BUDGET (64u * 1024 * 1024)
 /* Slot buffers larger than this are freed after use. */
 #define NBD_SLOT_KEEP (1024u * 1024)
 #define NBD_RBUF_SIZE (64u * 1024)
+/* A client that does not read its replies for this long is dropped, so
+ * its requests stop holding pool workers. */
+#define NBD_SEND_TIMEOUT_S 30
 
 struct NbdConn {
     int fd;
@@ -121,13 +127,16 @@ typedef struct NbdServer {
     NbdListener listeners[NBD_MAX_LISTENERS];
     int nlisteners;
     int wake_pipe[2];
-    char *unix_path;     /* unlinked on stop */
+    char *unix_path;     /* unlinked on stop if still our socket */
+    dev_t unix_dev;
+    ino_t unix_ino;
     char *bound_addr;    /* "host:port" or "unix:path" actually bound */
     NbdExport *exports;
     NbdConn *conns;
     int nconns;
     LamThreadPool *pool;
     unsigned handshake_ms;
+    unsigned send_timeout_ms; /* read at accept time without the lock */
 } NbdServer;
 
 extern NbdServer nbd_srv;

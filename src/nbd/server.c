@@ -12,6 +12,7 @@
 #include <string.h>
 #include <sys/socket.h>
 #include <sys/stat.h>
+#include <sys/time.h>
 #include <sys/un.h>
 #include <time.h>
 #include <unistd.h>
@@ -23,9 +24,10 @@ NbdServer nbd_srv = {
     .cond = PTHREAD_COND_INITIALIZER,
     .wake_pipe = { -1, -1 },
     .handshake_ms = 10000,
+    .send_timeout_ms = NBD_SEND_TIMEOUT_S * 1000,
 };
 
-#define NBD_POOL_THREADS 64
+#define NBD_POOL_THREADS 256
 /* Requests mostly hit caches: a few hot workers beat a thread per request;
  * requests queued for longer than the delay bring in more workers. */
 #define NBD_POOL_ACTIVE 3
@@ -63,6 +65,9 @@ static void *conn_main(void *opaque)
     pthread_setname_np(pthread_self(), "nbd-conn");
     int one = 1;
     setsockopt(c->fd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof(one));
+    struct timeval tv = { .tv_sec = nbd_srv.send_timeout_ms / 1000,
+                          .tv_usec = (nbd_srv.send_timeout_ms % 1000) * 1000 };
+    setsockopt(c->fd, SOL_SOCKET, SO_SNDTIMEO, &tv, sizeof(tv));
 
     pthread_mutex_lock(&nbd_srv.lock);
     c->deadline_ms = nbd_now_ms() + nbd_srv.handshake_ms;
@@ -283,6 +288,10 @@ static int listen_unix(const char *path, LamError **errp)
         return -EINVAL;
     }
     nbd_srv.unix_path = strdup(path);
+    if (stat(path, &st) == 0) {
+        nbd_srv.unix_dev = st.st_dev;
+        nbd_srv.unix_ino = st.st_ino;
+    }
     if (asprintf(&nbd_srv.bound_addr, "unix:%s", path) < 0) {
         nbd_srv.bound_addr = NULL;
     }
@@ -311,8 +320,13 @@ static void close_listeners(void)
         }
         nbd_srv.wake_pipe[i] = -1;
     }
-    if (nbd_srv.unix_path) {
+    struct stat st;
+    if (nbd_srv.unix_path && stat(nbd_srv.unix_path, &st) == 0 &&
+        st.st_dev == nbd_srv.unix_dev && st.st_ino == nbd_srv.unix_ino) {
+        /* Only our own socket: someone may have bound the path since. */
         unlink(nbd_srv.unix_path);
+    }
+    if (nbd_srv.unix_path) {
         free(nbd_srv.unix_path);
         nbd_srv.unix_path = NULL;
     }
@@ -341,6 +355,10 @@ static int start(const char *type, const char *host, const char *port,
     const char *env = getenv("LAMINA_NBD_HANDSHAKE_TIMEOUT_MS");
     if (env && atoi(env) > 0) {
         lam_nbd_set_handshake_timeout((unsigned)atoi(env));
+    }
+    env = getenv("LAMINA_NBD_SEND_TIMEOUT_MS");
+    if (env && atoi(env) > 0) {
+        nbd_srv.send_timeout_ms = (unsigned)atoi(env);
     }
     if (pipe2(nbd_srv.wake_pipe, O_CLOEXEC) < 0) {
         lam_error_setg_errno(errp, -errno, "Failed to create pipe");
