@@ -22,9 +22,6 @@
  * cost more than the zeroes it saves). */
 #define NBD_SPARSE_MIN (64u * 1024)
 #define NBD_MAX_READ_CHUNKS 64
-/* Largest request the connection thread serves itself. */
-#define NBD_INLINE_MAX (64u * 1024)
-static int nbd_inline = -1;
 
 /* Extents per block status chunk (the spec suggests at most 2^20). */
 #define NBD_MAX_EXTENTS 65536
@@ -510,10 +507,7 @@ static int validate(NbdConn *c, NbdReq *r)
 
 void nbd_transmission(NbdConn *c)
 {
-    if (nbd_inline < 0) {
-        const char *e = getenv("LAMINA_NBD_INLINE");
-        nbd_inline = e ? atoi(e) : 1;
-    }
+    uint32_t inline_max = c->inline_max;
     for (;;) {
         uint8_t h[NBD_REQUEST_SIZE];
         if (nbd_read(c, h, sizeof(h)) < 0) {
@@ -560,7 +554,7 @@ void nbd_transmission(NbdConn *c)
             continue;
         }
         r->task.fn = req_run;
-        if ((nbd_inline && c->rpos == c->rlen && len <= NBD_INLINE_MAX &&
+        if ((c->rpos == c->rlen && len <= inline_max &&
              (type == NBD_CMD_READ || type == NBD_CMD_WRITE)) ||
             lam_threadpool_submit(nbd_srv.pool, &r->task) < 0) {
             /* Nothing more buffered: this thread would only sleep in

@@ -67,6 +67,9 @@ typedef struct NbdReq {
 /* Slot buffers larger than this are freed after use. */
 #define NBD_SLOT_KEEP (1024u * 1024)
 #define NBD_RBUF_SIZE (64u * 1024)
+/* Requests up to this size are served by the connection thread when it
+ * has nothing else buffered (it would only sleep in recv otherwise). */
+#define NBD_INLINE_MAX (64u * 1024)
 /* A client that does not read its replies for this long is dropped, so
  * its requests stop holding pool workers. */
 #define NBD_SEND_TIMEOUT_S 30
@@ -76,6 +79,7 @@ struct NbdConn {
     char peer[80];
     NbdExport *exp;      /* set by GO/EXPORT_NAME; counted in exp->nconns */
     uint32_t max_conns;  /* server setting at accept time */
+    uint32_t inline_max; /* largest READ/WRITE served by this thread itself */
 
     /* Negotiated state (connection thread only until transmission). */
     bool no_zeroes;
@@ -136,7 +140,8 @@ typedef struct NbdServer {
     int nconns;
     LamThreadPool *pool;
     unsigned handshake_ms;
-    unsigned send_timeout_ms; /* read at accept time without the lock */
+    unsigned send_timeout_ms;
+    uint32_t inline_max;
 } NbdServer;
 
 extern NbdServer nbd_srv;

@@ -25,6 +25,7 @@ NbdServer nbd_srv = {
     .wake_pipe = { -1, -1 },
     .handshake_ms = 10000,
     .send_timeout_ms = NBD_SEND_TIMEOUT_S * 1000,
+    .inline_max = NBD_INLINE_MAX,
 };
 
 #define NBD_POOL_THREADS 256
@@ -65,9 +66,6 @@ static void *conn_main(void *opaque)
     pthread_setname_np(pthread_self(), "nbd-conn");
     int one = 1;
     setsockopt(c->fd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof(one));
-    struct timeval tv = { .tv_sec = nbd_srv.send_timeout_ms / 1000,
-                          .tv_usec = (nbd_srv.send_timeout_ms % 1000) * 1000 };
-    setsockopt(c->fd, SOL_SOCKET, SO_SNDTIMEO, &tv, sizeof(tv));
 
     pthread_mutex_lock(&nbd_srv.lock);
     c->deadline_ms = nbd_now_ms() + nbd_srv.handshake_ms;
@@ -123,6 +121,10 @@ static void conn_start_locked(int fd)
     c->fd = fd;
     c->rbuf = rbuf;
     c->max_conns = nbd_srv.max_connections;
+    c->inline_max = nbd_srv.inline_max;
+    struct timeval tv = { .tv_sec = nbd_srv.send_timeout_ms / 1000,
+                          .tv_usec = (nbd_srv.send_timeout_ms % 1000) * 1000 };
+    setsockopt(fd, SOL_SOCKET, SO_SNDTIMEO, &tv, sizeof(tv));
     pthread_mutex_init(&c->lock, NULL);
     pthread_mutex_init(&c->send_lock, NULL);
     pthread_cond_init(&c->cond, NULL);
@@ -355,6 +357,10 @@ static int start(const char *type, const char *host, const char *port,
     const char *env = getenv("LAMINA_NBD_HANDSHAKE_TIMEOUT_MS");
     if (env && atoi(env) > 0) {
         lam_nbd_set_handshake_timeout((unsigned)atoi(env));
+    }
+    env = getenv("LAMINA_NBD_INLINE_MAX"); /* 0 = always use the pool */
+    if (env) {
+        nbd_srv.inline_max = (uint32_t)atoi(env);
     }
     env = getenv("LAMINA_NBD_SEND_TIMEOUT_MS");
     if (env && atoi(env) > 0) {
