@@ -170,7 +170,7 @@ def make_images(d, size_mb):
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--runs", type=int, default=3)
-    ap.add_argument("--runtime", type=int, default=3)
+    ap.add_argument("--runtime", type=int, default=2)
     ap.add_argument("--size-mb", type=int, default=1024)
     ap.add_argument("--dir", default=None)
     ap.add_argument("--only", default=None, help="substring of test names")

@@ -218,6 +218,10 @@ static int listen_inet(const char *host, const char *port, LamError **errp)
         return -EINVAL;
     }
     int last_err = 0;
+    bool have_v4 = false;
+    for (struct addrinfo *ai = res; ai; ai = ai->ai_next) {
+        have_v4 |= ai->ai_family == AF_INET;
+    }
     for (struct addrinfo *ai = res; ai; ai = ai->ai_next) {
         int fd = socket(ai->ai_family, ai->ai_socktype | SOCK_CLOEXEC,
                         ai->ai_protocol);
@@ -227,8 +231,9 @@ static int listen_inet(const char *host, const char *port, LamError **errp)
         }
         int one = 1;
         setsockopt(fd, SOL_SOCKET, SO_REUSEADDR, &one, sizeof(one));
-        if (ai->ai_family == AF_INET6) {
-            /* Separate sockets for v4 and v6 of the same name. */
+        if (ai->ai_family == AF_INET6 && have_v4) {
+            /* The v4 address gets its own socket; a lone "::" stays
+             * dual-stack. */
             setsockopt(fd, IPPROTO_IPV6, IPV6_V6ONLY, &one, sizeof(one));
         }
         if (bind(fd, ai->ai_addr, ai->ai_addrlen) < 0) {

@@ -60,7 +60,7 @@ class DaemonServe:
 
     def __init__(self, image, fmt="raw", writable=False, name="exp",
                  description=None, allocation_depth=False, max_conn=100,
-                 tcp=False, writethrough=False, env=None):
+                 tcp=False, writethrough=False, env=None, host="127.0.0.1"):
         from qmp_util import Daemon
         self.name = name
         self.tmpdir = os.path.dirname(os.path.abspath(image))
@@ -79,9 +79,10 @@ class DaemonServe:
                                           "file": {"driver": "file", "filename": image}})
             if tcp:
                 self.port = free_port()
-                addr = {"type": "inet", "data": {"host": "127.0.0.1",
+                addr = {"type": "inet", "data": {"host": host,
                                                  "port": str(self.port)}}
-                self.uri = "nbd://127.0.0.1:%d/%s" % (self.port, name)
+                uh = "[%s]" % host if ":" in host else host
+                self.uri = "nbd://%s:%d/%s" % (uh, self.port, name)
             else:
                 self.port = None
                 addr = {"type": "unix", "data": {"path": self.sock}}

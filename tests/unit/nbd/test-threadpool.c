@@ -32,11 +32,23 @@ typedef struct {
     LamTask task;
     _Atomic int *counter;
     int sleep_us;
+    double queued;
 } Job;
+
+static pthread_mutex_t lat_lock = PTHREAD_MUTEX_INITIALIZER;
+static double worst_latency; /* lat_lock */
+
+static double now_s(void);
 
 static void job_fn(LamTask *t)
 {
     Job *j = (Job *)t;
+    double lat = now_s() - j->queued;
+    pthread_mutex_lock(&lat_lock);
+    if (lat > worst_latency) {
+        worst_latency = lat;
+    }
+    pthread_mutex_unlock(&lat_lock);
     if (j->sleep_us) {
         usleep(j->sleep_us);
     }
@@ -51,6 +63,7 @@ static void submit_n(LamThreadPool *p, int n, _Atomic int *counter, int sleep_us
         j->task.fn = job_fn;
         j->counter = counter;
         j->sleep_us = sleep_us;
+        j->queued = now_s();
         if (lam_threadpool_submit(p, &j->task) < 0) {
             job_fn(&j->task);
         }
@@ -61,6 +74,18 @@ static void *submitter(void *opaque)
 {
     void **a = opaque;
     submit_n(a[0], 5000, a[1], 0);
+    return NULL;
+}
+
+static void *trickler(void *opaque)
+{
+    void **a = opaque;
+    double end = now_s() + 3;
+    unsigned seed = 1;
+    while (now_s() < end) {
+        submit_n(a[0], 1 + rand_r(&seed) % 4, a[1], rand_r(&seed) % 4 ? 0 : 50);
+        usleep(rand_r(&seed) % 300);
+    }
     return NULL;
 }
 
@@ -105,6 +130,38 @@ int main(void)
     submit_n(p, 10000, &count, 0);
     lam_threadpool_wait_idle(p);
     ok(atomic_load(&count) == 10000, "paced: 10000 short tasks ran");
+
+    /* paced bursts never stall: a lost wake-up would leave queued tasks
+     * waiting for an idle worker's 10 s timeout */
+    LamThreadPool *q = lam_threadpool_new("t-burst", 64, 0, NULL);
+    lam_threadpool_set_pacing(q, 3, 200);
+    double worst = 0;
+    for (int round = 0; round < 3000; round++) {
+        count = 0;
+        double b0 = now_s();
+        submit_n(q, 1 + round % 17, &count, round % 3 ? 0 : 30);
+        lam_threadpool_wait_idle(q);
+        double bt = now_s() - b0;
+        worst = bt > worst ? bt : worst;
+        if (round % 500 == 499) {
+            usleep(2000); /* let workers go back to their long sleep */
+        }
+    }
+    printf("# slowest of 3000 bursts: %.1f ms\n", worst * 1000);
+    ok(worst < 2.0, "paced bursts: no burst waits for an idle timeout");
+
+    /* a steady trickle from another thread, like an NBD connection */
+    worst_latency = 0;
+    count = 0;
+    pthread_t tr;
+    void *targs[2] = { q, &count };
+    pthread_create(&tr, NULL, trickler, targs);
+    pthread_join(tr, NULL);
+    lam_threadpool_wait_idle(q);
+    printf("# trickle: %d tasks, worst queue wait %.1f ms\n", atomic_load(&count),
+           worst_latency * 1000);
+    ok(worst_latency < 2.0, "paced trickle: no task waits for an idle timeout");
+    lam_threadpool_free(q);
 
     /* free runs what is still queued */
     count = 0;
