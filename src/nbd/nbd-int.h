@@ -43,6 +43,10 @@ typedef struct NbdExport {
 
 typedef struct NbdConn NbdConn;
 
+/* Most chunks in one structured READ reply (data/hole extents). */
+#define NBD_MAX_READ_CHUNKS 64
+#define NBD_REPLY_IOV (2 * NBD_MAX_READ_CHUNKS)
+
 /* One in-flight request.  Slots are preallocated per connection and keep
  * their buffer between requests, so the steady state does not malloc. */
 typedef struct NbdReq {
@@ -57,6 +61,12 @@ typedef struct NbdReq {
     uint8_t *buf;
     size_t bufcap;
     struct NbdReq *next_free;
+    /* The reply, built by whoever executed the request and sent by the
+     * connection's current sender: headers live in rhdr, payloads in buf. */
+    uint8_t rhdr[NBD_MAX_READ_CHUNKS * 32];
+    struct iovec riov[NBD_REPLY_IOV];
+    int rniov;
+    struct NbdReq *next_send;
 } NbdReq;
 
 /* Requests in flight per connection: also the most pool workers one
@@ -94,9 +104,14 @@ struct NbdConn {
     size_t rpos, rlen;
     int64_t deadline_ms; /* handshake deadline (monotonic); 0 = none */
 
-    /* send_lock serialises whole replies (all chunks of one reply) on fd
-     * and protects send_failed. */
+    /* send_lock protects the reply queue, sending and send_failed.  It is
+     * held only to queue or take replies: the thread that finds nobody
+     * sending becomes the sender and writes queued replies (whole, one
+     * after another, several per sendmsg) without holding it, so other
+     * workers never block on a busy socket. */
     pthread_mutex_t send_lock;
+    NbdReq *sendq_head, *sendq_tail;
+    bool sending;
     bool send_failed;
 
     /* lock protects free_slots, in_flight, inflight_bytes; cond is
