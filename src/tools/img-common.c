@@ -2,6 +2,7 @@
 #include "tools/img-common.h"
 
 #include <errno.h>
+#include <limits.h>
 #include <math.h>
 #include <pthread.h>
 #include <stdarg.h>
@@ -36,6 +37,11 @@ void img_error_free(LamError *err, const char *prefix_fmt, ...)
     }
     fprintf(stderr, "%s\n", err && err->msg ? err->msg : "Unknown error");
     lam_error_free(err);
+}
+
+void img_help_hint(void)
+{
+    fprintf(stderr, "Try 'lamina-img --help' for more information\n");
 }
 
 void img_printf(const char *fmt, ...)
@@ -386,4 +392,16 @@ void *img_alloc_buf(size_t len)
         return NULL;
     }
     return p;
+}
+
+bool img_same_file(const char *a, const char *b)
+{
+    char ra[PATH_MAX], rb[PATH_MAX];
+    if (!a || !b) {
+        return false;
+    }
+    if (!strcmp(a, b)) {
+        return true;
+    }
+    return realpath(a, ra) && realpath(b, rb) && !strcmp(ra, rb);
 }

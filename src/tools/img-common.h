@@ -30,6 +30,8 @@ void img_error(const char *fmt, ...) __attribute__((format(printf, 1, 2)));
 /* Prints "lamina-img: <prefix><err->msg>" and frees err. */
 void img_error_free(LamError *err, const char *prefix_fmt, ...)
     __attribute__((format(printf, 2, 3)));
+/* "Try 'lamina-img --help' ..." after a usage error. */
+void img_help_hint(void);
 /* printf to stdout unless quiet. */
 void img_printf(const char *fmt, ...) __attribute__((format(printf, 1, 2)));
 
@@ -82,6 +84,9 @@ int img_chain_length(LamNode *bs);
 /* The image's cluster size if the format has one, else 0. */
 int64_t img_cluster_size(LamNode *bs);
 
+/* Whether two paths name the same file (after resolving links). */
+bool img_same_file(const char *a, const char *b);
+
 /* Progress line "    (12.34/100%)\r" on stdout. */
 void img_progress_start(bool enabled);
 void img_progress_set(double percent);
@@ -89,6 +94,8 @@ void img_progress_end(void);
 
 /* Default request size for copying loops. */
 #define IMG_CHUNK (2 * 1024 * 1024)
+/* Largest range handled in one step when no data buffer is involved. */
+#define IMG_BIG_CHUNK (1024LL * 1024 * 1024)
 #define IMG_MAX_THREADS 16
 
 /* Runs fn(i, opaque) on n threads (n >= 1; 1 runs inline) and joins them.
