@@ -231,7 +231,7 @@ def main():
             print(line, flush=True)
             print("%-18s %-5s" % ("  server CPU", "us/MB" if "nbdcopy" in name else "us/op") +
                   "".join("%14.1f" % cpu_med[c] for c, _ in cols), flush=True)
-        with open(os.path.join(ROOT, "bench", "nbd-bench-last.json"), "w") as f:
+        with open(os.path.join(BUILD if os.path.isdir(BUILD) else d, "nbd-bench-last.json"), "w") as f:
             json.dump(results, f, indent=1)
     finally:
         for s in servers:

@@ -123,12 +123,13 @@ def test_nbdcopy_both_directions(tmp_path, raw_img):
 
 
 @pytest.mark.skipif(not shutil.which("fio"), reason="fio missing")
-def test_fio_verify(raw_img):
+def test_fio_verify(tmp_path, raw_img):
     with NbdServe(raw_img, writable=True) as srv:
+        # cwd: fio leaves a verify state file behind
         p = run(["fio", "--name=v", "--ioengine=nbd", "--uri=" + srv.uri,
                  "--rw=randwrite", "--bs=4k", "--iodepth=16", "--size=16M",
                  "--verify=crc32c", "--verify_fatal=1", "--do_verify=1",
-                 "--output-format=json"])
+                 "--output-format=json"], cwd=str(tmp_path))
         res = json.loads(p.stdout[p.stdout.index("{"):])
         assert res["jobs"][0]["error"] == 0
 
