@@ -11,6 +11,7 @@ Every measurement runs RUNS times (servers interleaved) and the median is
 reported, with laminad/QSD ratios.
 
 Usage: bench/nbd-bench.py [--runs N] [--runtime S] [--size-mb M] [--dir D]
+                          [--only TEST] [--formats qcow2,raw] [BUILD_DIR]
 Uses build/src/daemon/laminad when it exists, else the nbd-serve harness
 (tests/unit/nbd), which serves through the same NBD server code.
 """
@@ -175,7 +176,13 @@ def main():
     ap.add_argument("--dir", default=None)
     ap.add_argument("--only", default=None, help="substring of test names")
     ap.add_argument("--formats", default="qcow2,raw")
+    ap.add_argument("build", nargs="?", help="build directory (default build/)")
     args = ap.parse_args()
+    global BUILD, LAMINAD, NBD_SERVE
+    if args.build:
+        BUILD = os.path.abspath(args.build)
+        LAMINAD = os.path.join(BUILD, "src", "daemon", "laminad")
+        NBD_SERVE = os.path.join(BUILD, "tests", "unit", "nbd", "nbd-serve")
     for tool in ("fio", "nbdcopy", "qemu-storage-daemon", "qemu-img"):
         if not shutil.which(tool):
             sys.exit("%s is required" % tool)

@@ -69,8 +69,7 @@ typedef struct NbdReq {
     struct NbdReq *next_send;
 } NbdReq;
 
-/* Requests in flight per connection: also the most pool workers one
- * client can tie up (e.g. by not reading its replies). */
+/* Requests in flight per connection (read but not yet replied to). */
 #define NBD_CONN_SLOTS 16
 /* Payload bytes buffered for in-flight requests of one connection. */
 #define NBD_CONN_BUDGET (64u * 1024 * 1024)
