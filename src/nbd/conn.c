@@ -1,9 +1,10 @@
 /* Transmission phase.  The connection thread reads requests (and write
- * payloads), validates them and hands them to the worker pool; a worker
- * does the I/O through the export's root edge and sends the whole reply
- * under the connection's send lock, so chunks of different replies never
- * interleave.  In-flight requests per connection are bounded by
- * NBD_CONN_SLOTS and NBD_CONN_BUDGET bytes of payload. */
+ * payloads), validates them and hands them to the worker pool (or serves a
+ * small one itself when it has nothing else to read); whoever executes a
+ * request does the I/O through the export's root edge, builds the whole
+ * reply in the request slot and queues it (queue_reply), so chunks of
+ * different replies never interleave.  In-flight requests per connection
+ * are bounded by NBD_CONN_SLOTS and NBD_CONN_BUDGET bytes of payload. */
 #include <errno.h>
 #include <stddef.h>
 #include <stdio.h>

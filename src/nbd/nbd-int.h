@@ -187,7 +187,7 @@ void nbd_conn_free_slots(NbdConn *conn);
 int nbd_read(NbdConn *conn, void *buf, size_t len);
 /* Discards len bytes of input. */
 int nbd_skip(NbdConn *conn, size_t len);
-/* Sends all iovecs (caller holds send_lock during transmission). */
+/* Sends all iovecs (during transmission: only the connection's sender). */
 int nbd_sendv(NbdConn *conn, struct iovec *iov, int niov);
 int nbd_send(NbdConn *conn, const void *buf, size_t len);
 
