@@ -83,8 +83,8 @@ def test_crash_qcow2(cluster, refbits, size, ops, extra):
     s, p = crash_run("--format", "qcow2", "--cluster-size", cluster,
                      "--refcount-bits", refbits, "--size", size,
                      "--ops", ops, "--seed", cluster + refbits,
-                     "--random-cuts", 1, "--qemu-every", 2, *extra,
-                     time_limit=20)
+                     "--random-cuts", 1, "--qemu-every", 4, *extra,
+                     time_limit=12)
     assert_clean(s, p)
     assert p.returncode == 0, p.stdout + p.stderr[-4000:]
 
@@ -105,7 +105,7 @@ def test_crash_qcow2_threads():
     refcount blocks; each thread's flushes make its own writes durable."""
     s, p = crash_run("--format", "qcow2", "--cluster-size", 512, "--size", "8M",
                      "--threads", 4, "--ops", 25, "--seed", 21,
-                     "--random-cuts", 1, "--qemu-every", 3, time_limit=15)
+                     "--random-cuts", 1, "--qemu-every", 4, time_limit=10)
     assert_clean(s, p)
     assert p.returncode == 0, p.stdout + p.stderr[-4000:]
 
@@ -157,7 +157,7 @@ def test_crash_reference_qemu_has_no_false_positives():
     must pass, so every failure the test reports against ours is real."""
     s, p = crash_run("--reference-qemu", "--no-ours", "--cluster-size", 512,
                      "--size", "4M", "--ops", 40, "--seed", 11,
-                     "--random-cuts", 1, "--qemu-every", 2, time_limit=12)
+                     "--random-cuts", 1, "--qemu-every", 3, time_limit=8)
     report = p.stdout + p.stderr[-4000:]
     assert p.returncode == 0, report
     assert s["corrupt_qemu"] == 0 and s["durability_failures"] == 0, report
@@ -168,7 +168,7 @@ def test_crash_reference_qemu_cheat_detected():
     s, p = crash_run("--reference-qemu", "--no-ours", "--cluster-size", 512,
                      "--size", "4M", "--ops", 40, "--seed", 1,
                      "--cheat", "drop-flushed", "--max-random-cuts", 20,
-                     "--expect-failures", time_limit=10)
+                     "--single-loss", 2, "--expect-failures", time_limit=6)
     assert s["corrupt_qemu"] + s["durability_failures"] > 0, p.stdout
     assert p.returncode == 0
 
