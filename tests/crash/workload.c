@@ -115,6 +115,10 @@ static void gen_thread(Gen *g, Rng *r)
                 len = 1 + (int64_t)rng_below(r, (uint64_t)(2 * cl));
             }
             op = mk_write(r, off, clamp_len(off, len, size));
+            /* Some FUA writes: durable when they return, flush or not. */
+            if (rng_below(r, 8) == 0) {
+                op.flags |= LAM_REQ_FUA;
+            }
         } else if (k < 50) {
             /* Overwrite (part of) an earlier write: in-place updates of
              * allocated clusters, and COW when the range straddles. */
@@ -149,6 +153,9 @@ static void gen_thread(Gen *g, Rng *r)
             }
             op.len = clamp_len(op.off, op.len, size);
             op.flags = rng_below(r, 2) ? LAM_REQ_MAY_UNMAP : 0;
+            if (rng_below(r, 8) == 0) {
+                op.flags |= LAM_REQ_FUA;
+            }
         } else if (k < 82) {
             op = (GuestOp){ .type = G_DISCARD };
             if (rng_below(r, 4)) {
@@ -320,6 +327,7 @@ void model_window(const Workload *w, size_t pos, OpWindow *win)
         win->durable[t] = d;
         win->started[t] = s > d ? s : d;
     }
+    win->pos = pos;
 }
 
 static void apply_op(Model *m, const GuestOp *op)
@@ -409,6 +417,40 @@ static bool fits_pending(const Model *m, const Workload *w, const OpWindow *win,
     return false;
 }
 
+/* A FUA write that returned before the crash must read back, unless an
+ * op of the same thread issued after it may have changed the byte. */
+static int64_t verify_fua(const Model *m, const Workload *w, const OpWindow *win,
+                          const uint8_t *got, int64_t *first_bad)
+{
+    int64_t bad = 0;
+    for (int t = 0; t < w->p.nthreads; t++) {
+        for (int i = win->durable[t]; i < win->started[t]; i++) {
+            const GuestOp *op = &w->ops[i];
+            if (!(op->flags & LAM_REQ_FUA) || op->ret < 0 || op->log_end > win->pos ||
+                (op->type != G_WRITE && op->type != G_ZERO)) {
+                continue;
+            }
+            for (int64_t b = op->off; b < op->off + op->len; b++) {
+                uint8_t want = op->type == G_WRITE ? op->data[b - op->off] : 0;
+                if (got[b] == want) {
+                    continue;
+                }
+                bool later = false;
+                for (int j = i + 1; j < win->started[t] && !later; j++) {
+                    later = fits_op(m, &w->ops[j], b, got[b]);
+                }
+                if (!later) {
+                    if (*first_bad < 0 || b < *first_bad) {
+                        *first_bad = b;
+                    }
+                    bad++;
+                }
+            }
+        }
+    }
+    return bad;
+}
+
 int64_t model_verify(const Model *m, const Workload *w, const OpWindow *win,
                      const uint8_t *got, int64_t *first_bad)
 {
@@ -430,5 +472,5 @@ int64_t model_verify(const Model *m, const Workload *w, const OpWindow *win,
             bad++;
         }
     }
-    return bad;
+    return bad + verify_fua(m, w, win, got, first_bad);
 }
