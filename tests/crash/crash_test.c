@@ -466,13 +466,32 @@ static void verify_content(Ctx *x, const Cut *c, int n, const OpWindow *win,
         char m[512];
         int lw = last_writer(&x->w, win, first_bad);
         const GuestOp *op = lw >= 0 ? &x->w.ops[lw] : NULL;
+        const char *why = "last durable op there";
+        /* A returned FUA write that is missing is the more precise story. */
+        for (int t = 0; t < x->w.p.nthreads; t++) {
+            for (int i = win->durable[t]; i < win->started[t]; i++) {
+                const GuestOp *f = &x->w.ops[i];
+                if ((f->flags & LAM_REQ_FUA) && f->log_end <= win->pos &&
+                    f->type != G_DISCARD && first_bad >= f->off &&
+                    first_bad < f->off + f->len) {
+                    lw = i;
+                    op = f;
+                    why = "FUA op that had returned";
+                }
+            }
+        }
+        uint8_t want = x->model.val[first_bad];
+        if (op && op->type == G_WRITE) {
+            want = op->data[first_bad - op->off];
+        } else if (op && op->type == G_ZERO) {
+            want = 0;
+        }
         snprintf(m, sizeof(m),
                  "%s read-back: %lld bytes differ from every allowed value, "
                  "first at guest offset %lld (got 0x%02x, expected 0x%02x; "
-                 "last durable op there: #%d %s [%lld, +%lld) thread %d, "
+                 "%s: #%d %s [%lld, +%lld) thread %d, "
                  "logged at file entries [%zu, %zu))", reader, (long long)bad,
-                 (long long)first_bad, x->got[first_bad],
-                 x->model.val[first_bad], lw,
+                 (long long)first_bad, x->got[first_bad], want, why, lw,
                  op ? op_name(op->type) : "none", op ? (long long)op->off : 0LL,
                  op ? (long long)op->len : 0LL, op ? op->thread : -1,
                  op ? op->log_start : 0, op ? op->log_end : 0);
