@@ -38,6 +38,7 @@ typedef struct Config {
     int nops;
     int threads;
     int64_t fill_max;
+    int mix;
     uint64_t seed;
     int random_per_interval;
     int max_random;
@@ -109,6 +110,8 @@ static void usage(void)
 "  --cluster-size N        qcow2 cluster size (512)\n"
 "  --refcount-bits N       qcow2 refcount width (16)\n"
 "  --ops N                 guest operations per thread (300)\n"
+"  --mix default|discard   op mix; discard: many discards/unmapping zero\n"
+"                          writes over fresh data (frees, reuses clusters)\n"
 "  --fill-max N            longest sequential fill write (16 clusters)\n"
 "  --threads N             guest threads on disjoint stripes (1, max 8)\n"
 "  --seed N                workload and cut seed (1)\n"
@@ -163,7 +166,7 @@ static int parse_args(Config *c, int argc, char **argv)
         { "create", 1, 0, 'C' }, { "cheat", 1, 0, 'X' },
         { "time-limit", 1, 0, 't' }, { "workdir", 1, 0, 'w' },
         { "keep-failures", 1, 0, 'k' }, { "help", 0, 0, 'h' },
-        { "expect-failures", 0, 0, 'E' }, { "drv-opt", 1, 0, 'o' + 256 }, { "single-loss", 1, 0, 'L' }, { "fill-max", 1, 0, 'F' }, { "no-ours", 0, 0, 'O' },
+        { "expect-failures", 0, 0, 'E' }, { "mix", 1, 0, 'x' + 256 }, { "drv-opt", 1, 0, 'o' + 256 }, { "single-loss", 1, 0, 'L' }, { "fill-max", 1, 0, 'F' }, { "no-ours", 0, 0, 'O' },
         { "reference-qemu", 0, 0, 'P' }, { "reuse-every", 1, 0, 'U' }, { "dump-log", 1, 0, 'D' },
         { 0, 0, 0, 0 },
     };
@@ -197,6 +200,13 @@ static int parse_args(Config *c, int argc, char **argv)
         case 'w': c->workdir = optarg; break;
         case 'k': c->keep_dir = optarg; break;
         case 'E': c->expect_failures = true; break;
+        case 'x' + 256:
+            if (strcmp(optarg, "default") && strcmp(optarg, "discard")) {
+                fprintf(stderr, "--mix is default or discard\n");
+                return -1;
+            }
+            c->mix = !strcmp(optarg, "discard");
+            break;
         case 'o' + 256: {
             char *eq = strchr(optarg, '=');
             if (!eq) {
@@ -963,7 +973,7 @@ int main(int argc, char **argv)
     rec->max_len = 4 * x.img_size + (16 << 20);
     WorkloadParams wp = { .size = x.cfg.size, .cluster = x.cfg.cluster,
                           .nops = x.cfg.nops, .nthreads = x.cfg.threads,
-                          .fill_max = x.cfg.fill_max,
+                          .fill_max = x.cfg.fill_max, .mix = x.cfg.mix,
                           .seed = x.cfg.seed };
     workload_generate(&x.w, &wp);
     if (x.cfg.ref_qemu) {

@@ -89,6 +89,13 @@ static void gen_thread(Gen *g, Rng *r)
     const int first = g->w->nops;
     int64_t fill_cursor = (int64_t)rng_below(r, (uint64_t)nclusters) * cl;
     int since_flush = 0, flush_every = 2 + (int)rng_below(r, 10);
+    /* Percent thresholds: fresh write, overwrite, fill, zero, discard;
+     * the rest are small COW writes. */
+    static const unsigned mix_default[5] = { 35, 50, 60, 72, 82 };
+    /* Frees and reuses clusters: many discards and unmapping zero writes
+     * over data written just before. */
+    static const unsigned mix_discard[5] = { 20, 45, 50, 68, 92 };
+    const unsigned *cut = g->w->p.mix == 1 ? mix_discard : mix_default;
 
     for (int n = 0; n < g->w->p.nops; n++) {
         unsigned k = (unsigned)rng_below(r, 100);
@@ -99,7 +106,7 @@ static void gen_thread(Gen *g, Rng *r)
             add_op(g, (GuestOp){ .type = G_FLUSH });
             continue;
         }
-        if (k < 35) {
+        if (k < cut[0]) {
             /* Fresh write: whole clusters, sectors, or an odd range that
              * leaves part of a cluster to be copied from the backing file. */
             unsigned shape = (unsigned)rng_below(r, 10);
@@ -119,7 +126,7 @@ static void gen_thread(Gen *g, Rng *r)
             if (rng_below(r, 8) == 0) {
                 op.flags |= LAM_REQ_FUA;
             }
-        } else if (k < 50) {
+        } else if (k < cut[1]) {
             /* Overwrite (part of) an earlier write: in-place updates of
              * allocated clusters, and COW when the range straddles. */
             int64_t off = 0, len = cl;
@@ -130,7 +137,7 @@ static void gen_thread(Gen *g, Rng *r)
                 off = size - 1;
             }
             op = mk_write(r, off, clamp_len(off, len, size));
-        } else if (k < 60) {
+        } else if (k < cut[2]) {
             /* Sequential fill: grows the image across L2 tables and
              * refcount blocks. */
             int64_t len = cl * (4 + (int64_t)rng_below(r, 13));
@@ -142,7 +149,7 @@ static void gen_thread(Gen *g, Rng *r)
             }
             op = mk_write(r, fill_cursor, clamp_len(fill_cursor, len, size));
             fill_cursor += op.len;
-        } else if (k < 72) {
+        } else if (k < cut[3]) {
             op = (GuestOp){ .type = G_ZERO };
             if (rng_below(r, 3)) {
                 op.off = (int64_t)rng_below(r, (uint64_t)nclusters) * cl;
@@ -152,13 +159,17 @@ static void gen_thread(Gen *g, Rng *r)
                 op.len = 1 + (int64_t)rng_below(r, (uint64_t)(3 * cl));
             }
             op.len = clamp_len(op.off, op.len, size);
-            op.flags = rng_below(r, 2) ? LAM_REQ_MAY_UNMAP : 0;
+            op.flags = rng_below(r, 2) || g->w->p.mix == 1 ? LAM_REQ_MAY_UNMAP : 0;
             if (rng_below(r, 8) == 0) {
                 op.flags |= LAM_REQ_FUA;
             }
-        } else if (k < 82) {
+        } else if (k < cut[4]) {
             op = (GuestOp){ .type = G_DISCARD };
-            if (rng_below(r, 4)) {
+            int64_t ro, rl;
+            if (g->w->p.mix == 1 && rng_below(r, 2) && recent_write(g, r, first, &ro, &rl)) {
+                op.off = ro / cl * cl;
+                op.len = (rl + cl - 1) / cl * cl + cl;
+            } else if (rng_below(r, 4)) {
                 op.off = (int64_t)rng_below(r, (uint64_t)nclusters) * cl;
                 op.len = cl * (1 + (int64_t)rng_below(r, 8));
             } else {
