@@ -238,7 +238,7 @@ static int parse_args(Config *c, int argc, char **argv)
         fprintf(stderr, "--reference-qemu needs qcow2 and one thread\n");
         return -1;
     }
-    if (c->ref_qemu || c->no_ours) {
+    if (c->no_ours) {
         c->reuse_every = 0; /* reuse writes with our driver */
     }
     if (strcmp(c->fmt, "qcow2") && strcmp(c->fmt, "raw")) {
