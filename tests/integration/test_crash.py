@@ -128,10 +128,12 @@ def test_crash_qcow2_rc64_big_writes():
     assert p.returncode == 0
 
 
-def test_crash_qcow2_created_by_us():
-    """Same, starting from an image our own create wrote."""
+def test_crash_qcow2_created_by_us_discard_mix():
+    """Starting from an image our own create wrote, with a discard-heavy mix:
+    clusters are freed and reused while crashes happen."""
     s, p = crash_run("--format", "qcow2", "--create", "ours", "--cluster-size",
                      1024, "--size", "4M", "--ops", 60, "--seed", 7,
+                     "--mix", "discard",
                      "--random-cuts", 1, "--qemu-every", 3, time_limit=12)
     assert_clean(s, p)
     assert p.returncode == 0, p.stdout + p.stderr[-4000:]
@@ -154,14 +156,18 @@ def test_crash_detects_lost_flushed_write_qcow2():
 def test_crash_reference_qemu_has_no_false_positives():
     """The same workload through QEMU's own qcow2 driver, its file writes
     captured by QEMU's blklogwrites filter: a driver known to be crash-safe
-    must pass, so every failure the test reports against ours is real."""
-    s, p = crash_run("--reference-qemu", "--no-ours", "--cluster-size", 512,
+    must pass, so every failure the test reports against ours is real.  Our
+    check and our reader judge QEMU's crash images too (they must agree
+    with qemu-img), and our driver reuses them."""
+    s, p = crash_run("--reference-qemu", "--cluster-size", 512,
                      "--size", "4M", "--ops", 40, "--seed", 11,
                      "--random-cuts", 1, "--qemu-every", 3, time_limit=8)
     report = p.stdout + p.stderr[-4000:]
     assert p.returncode == 0, report
     assert s["corrupt_qemu"] == 0 and s["durability_failures"] == 0, report
+    assert s["corrupt_ours"] == 0 and s["reuse_corrupt"] == 0, report
     assert s["flush_cuts"] >= 20 and s["qemu_read"] >= 20, report
+    assert s["ours_checked"] == s["cuts"], report
 
 
 def test_crash_reference_qemu_cheat_detected():
