@@ -39,6 +39,7 @@ typedef struct Config {
     int threads;
     int64_t fill_max;
     int mix;
+    bool compress;
     uint64_t seed;
     int random_per_interval;
     int max_random;
@@ -112,6 +113,7 @@ static void usage(void)
 "  --ops N                 guest operations per thread (300)\n"
 "  --mix default|discard   op mix; discard: many discards/unmapping zero\n"
 "                          writes over fresh data (frees, reuses clusters)\n"
+"  --compress              some whole-cluster writes are compressed\n"
 "  --fill-max N            longest sequential fill write (16 clusters)\n"
 "  --threads N             guest threads on disjoint stripes (1, max 8)\n"
 "  --seed N                workload and cut seed (1)\n"
@@ -166,7 +168,7 @@ static int parse_args(Config *c, int argc, char **argv)
         { "create", 1, 0, 'C' }, { "cheat", 1, 0, 'X' },
         { "time-limit", 1, 0, 't' }, { "workdir", 1, 0, 'w' },
         { "keep-failures", 1, 0, 'k' }, { "help", 0, 0, 'h' },
-        { "expect-failures", 0, 0, 'E' }, { "mix", 1, 0, 'x' + 256 }, { "drv-opt", 1, 0, 'o' + 256 }, { "single-loss", 1, 0, 'L' }, { "fill-max", 1, 0, 'F' }, { "no-ours", 0, 0, 'O' },
+        { "expect-failures", 0, 0, 'E' }, { "compress", 0, 0, 'c' + 256 }, { "mix", 1, 0, 'x' + 256 }, { "drv-opt", 1, 0, 'o' + 256 }, { "single-loss", 1, 0, 'L' }, { "fill-max", 1, 0, 'F' }, { "no-ours", 0, 0, 'O' },
         { "reference-qemu", 0, 0, 'P' }, { "reuse-every", 1, 0, 'U' }, { "dump-log", 1, 0, 'D' },
         { 0, 0, 0, 0 },
     };
@@ -200,6 +202,7 @@ static int parse_args(Config *c, int argc, char **argv)
         case 'w': c->workdir = optarg; break;
         case 'k': c->keep_dir = optarg; break;
         case 'E': c->expect_failures = true; break;
+        case 'c' + 256: c->compress = true; break;
         case 'x' + 256:
             if (strcmp(optarg, "default") && strcmp(optarg, "discard")) {
                 fprintf(stderr, "--mix is default or discard\n");
@@ -974,6 +977,7 @@ int main(int argc, char **argv)
     WorkloadParams wp = { .size = x.cfg.size, .cluster = x.cfg.cluster,
                           .nops = x.cfg.nops, .nthreads = x.cfg.threads,
                           .fill_max = x.cfg.fill_max, .mix = x.cfg.mix,
+                          .compress = x.cfg.compress,
                           .seed = x.cfg.seed };
     workload_generate(&x.w, &wp);
     if (x.cfg.ref_qemu) {

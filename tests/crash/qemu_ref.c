@@ -219,8 +219,10 @@ int qemu_ref_record(const char *dir, const char *path, Workload *w,
             snprintf(datapath, sizeof(datapath), "%s/qemu-ref-%d.bin", dir, i);
             ret = write_file(datapath, op->data, op->len);
             if (ret == 0) {
-                ret = add_cmd(&argv, &argc, &cap, "write -q %s-s %s %lld %lld",
-                              (op->flags & LAM_REQ_FUA) ? "-f " : "", datapath,
+                ret = add_cmd(&argv, &argc, &cap, "write -q %s%s-s %s %lld %lld",
+                              (op->flags & LAM_REQ_FUA) ? "-f " : "",
+                              (op->flags & LAM_REQ_WRITE_COMPRESSED) ? "-c " : "",
+                              datapath,
                               (long long)op->off, (long long)op->len);
             }
             break;

@@ -114,6 +114,21 @@ static void gen_thread(Gen *g, Rng *r)
             if (shape < 5) {
                 off = (int64_t)rng_below(r, (uint64_t)nclusters) * cl;
                 len = cl * (1 + (int64_t)rng_below(r, 4));
+                if (g->w->p.compress && rng_below(r, 2)) {
+                    /* Compressed clusters: compressible data (a short
+                     * random pattern, repeated, with a few random bytes). */
+                    len = off + len > size ? size - off : len;
+                    op = mk_write(r, off, len);
+                    uint8_t pat[16];
+                    rng_fill(r, pat, sizeof(pat));
+                    for (int64_t b = 0; b < len; b++) {
+                        op.data[b] = rng_below(r, 64) ? pat[b % 16] : (uint8_t)rng_next(r);
+                    }
+                    op.flags = LAM_REQ_WRITE_COMPRESSED;
+                    add_op(g, op);
+                    since_flush++;
+                    continue;
+                }
             } else if (shape < 8) {
                 off = (int64_t)rng_below(r, (uint64_t)(size / 512)) * 512;
                 len = 512 * (1 + (int64_t)rng_below(r, (uint64_t)(2 * cl / 512 + 1)));

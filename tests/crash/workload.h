@@ -33,6 +33,7 @@ typedef struct WorkloadParams {
     int nthreads;         /* 1..CRASH_MAX_THREADS */
     int64_t fill_max;     /* longest sequential fill (0: 16 clusters) */
     int mix;              /* 0 default, 1 discard-heavy */
+    bool compress;        /* some whole-cluster writes are compressed */
     uint64_t seed;
 } WorkloadParams;
 
