@@ -66,8 +66,8 @@ def assert_clean(s, p):
 @pytest.mark.parametrize("cluster,refbits,size,ops,extra", [
     # Small clusters: L2 tables and refcount blocks fill up quickly.
     (512, 16, "4M", 60, []),
-    # The common case.
-    (4096, 16, "16M", 50, []),
+    # The common case, some writes compressed.
+    (4096, 16, "16M", 50, ["--compress"]),
     # 32-bit refcounts at 512 B clusters with big sequential fills: one
     # refcount block covers 64 KiB and the table 4 MiB of file, so the
     # refcount table itself has to grow during the workload.
@@ -78,7 +78,7 @@ def assert_clean(s, p):
     # evicted (written back) in the middle of allocations.
     (512, 16, "4M", 60, ["--drv-opt", "l2-cache-size=1024",
                          "--drv-opt", "refcount-cache-size=1024"]),
-], ids=["c512", "c4k", "c512-rc32-table-growth", "c512-rc64", "c512-tiny-cache"])
+], ids=["c512", "c4k-compress", "c512-rc32-table-growth", "c512-rc64", "c512-tiny-cache"])
 def test_crash_qcow2(cluster, refbits, size, ops, extra):
     s, p = crash_run("--format", "qcow2", "--cluster-size", cluster,
                      "--refcount-bits", refbits, "--size", size,
