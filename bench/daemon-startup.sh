@@ -1,6 +1,7 @@
 #!/bin/sh
-# Startup time (exec -> QMP greeting received) and idle RSS (VmRSS 0.5 s
-# after the greeting) of laminad vs qemu-storage-daemon, side by side.
+# Startup time (exec -> QMP greeting received), idle RSS (VmRSS 0.5 s
+# after the greeting) and QMP round trip (query-version, median of 500) of
+# laminad vs qemu-storage-daemon, side by side.
 # Usage: bench/daemon-startup.sh [RUNS]   (default 15; medians reported)
 # LAMINAD=path overrides build/src/daemon/laminad.
 set -eu
@@ -38,8 +39,19 @@ def measure(kind):
             time.sleep(0.5)
             with open(f"/proc/{p.pid}/status") as f:
                 rss = next(int(l.split()[1]) for l in f if l.startswith("VmRSS:"))
+            f = s.makefile("rwb")
+            f.write(b'{"execute": "qmp_capabilities"}\n')
+            f.flush()
+            f.readline()
+            rtts = []
+            for _ in range(500):
+                t1 = time.perf_counter()
+                f.write(b'{"execute": "query-version"}\n')
+                f.flush()
+                f.readline()
+                rtts.append((time.perf_counter() - t1) * 1e6)
             s.close()
-            return t, rss / 1024
+            return t, rss / 1024, statistics.median(rtts)
         finally:
             p.terminate()
             p.wait()
@@ -48,11 +60,11 @@ res = {"laminad": [], "qsd": []}
 for _ in range(runs):  # interleaved so load changes hit both alike
     for k in res:
         res[k].append(measure(k))
-print(f"{'':10} {'startup ms (median)':>20} {'idle RSS MiB (median)':>22}")
+print(f"{'':10} {'startup ms':>12} {'idle RSS MiB':>13} {'QMP RTT us':>11}   (medians of {runs} runs)")
 med = {}
 for k, v in res.items():
-    med[k] = (statistics.median(x[0] for x in v), statistics.median(x[1] for x in v))
-    print(f"{k:10} {med[k][0]:20.2f} {med[k][1]:22.2f}")
-print(f"{'ratio':10} {med['laminad'][0] / med['qsd'][0]:20.2f} {med['laminad'][1] / med['qsd'][1]:22.2f}"
-      "   (laminad / qsd; lower is better)")
+    med[k] = [statistics.median(x[i] for x in v) for i in range(3)]
+    print(f"{k:10} {med[k][0]:12.2f} {med[k][1]:13.2f} {med[k][2]:11.1f}")
+r = [med['laminad'][i] / med['qsd'][i] for i in range(3)]
+print(f"{'ratio':10} {r[0]:12.2f} {r[1]:13.2f} {r[2]:11.2f}   (laminad / qsd; lower is better)")
 PY

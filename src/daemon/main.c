@@ -20,7 +20,9 @@
 #include "lamina-config.h"
 #include "lamina/block.h"
 #include "nbd/nbd.h"
+#include "qmp/blockdev-schema.h"
 #include "qmp/json.h"
+#include "qmp/keyval.h"
 #include "qmp/qmp.h"
 
 #define DEFAULT_DIR "lamina-data"
@@ -57,6 +59,8 @@ static void usage(FILE *f)
 "  --nbd ADDR         start the NBD server on HOST:PORT or unix:PATH\n"
 "  --blockdev JSON    add a node, same JSON as blockdev-add (repeatable)\n"
 "  --export JSON      add an export, same JSON as block-export-add (repeatable)\n"
+"                     (both also take QSD's key=value form:\n"
+"                      driver=file,node-name=f,filename=a.img)\n"
 "  --daemonize        detach once everything is set up\n"
 "  --pidfile PATH     write the daemon's pid to PATH (locked, removed at exit)\n"
 "  -h, --help         show this help\n"
@@ -310,6 +314,10 @@ int main(int argc, char **argv)
     qmp_control_init();
     qmp_block_init();
     qmp_export_init();
+    qmp_schema_init();
+    if (qmp_jobs_init) {
+        qmp_jobs_init();
+    }
 
     LamError *err = NULL;
     if (o.nbd && lam_nbd_server_start_str(o.nbd, &err) < 0) {
@@ -318,7 +326,14 @@ int main(int argc, char **argv)
     }
     for (int i = 0; i < o.nacts; i++) {
         const char *what = o.acts[i].kind == ACT_BLOCKDEV ? "--blockdev" : "--export";
-        json_t *opts = qmp_json_parse(o.acts[i].arg, &err);
+        /* JSON, or QSD's key=value form (driver=file,node-name=f,...). */
+        const QmpType *schema = o.acts[i].kind == ACT_BLOCKDEV ? &qmp_blockdev_options
+                                                               : &qmp_export_options;
+        const char *a = o.acts[i].arg;
+        char first = a[strspn(a, " \t")];
+        json_t *opts = first == '{' || first == '['
+                           ? qmp_json_parse(a, &err)
+                           : qmp_keyval_parse(a, schema, &err);
         if (opts && !json_is_object(opts)) {
             lam_error_setg(&err, "expected a JSON object");
         }

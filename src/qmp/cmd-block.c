@@ -220,25 +220,66 @@ void qmp_block_close_all(void)
 
 /* ---- query-named-block-nodes ---- */
 
+/* Options that change what a node's guest sees, per driver: when a node
+ * has one, its plain filename no longer describes it and QEMU shows a
+ * json: pseudo filename instead. */
+static const char *const *strong_options(const char *drv)
+{
+    static const char *const raw[] = {"offset", "size", NULL};
+    static const char *const null_co[] = {"size", "read-zeroes", NULL};
+    static const char *const none[] = {NULL};
+    if (!strcmp(drv, "raw")) {
+        return raw;
+    }
+    if (!strncmp(drv, "null-", 5)) {
+        return null_co;
+    }
+    return none;
+}
+
+/* The json: description of a node, or NULL when its filename says it all:
+ * a file node, or a node without strong options over such a child. */
+static json_t *pseudo_json(LamNode *bs)
+{
+    const char *drv = lam_node_format(bs);
+    json_t *opts = lam_node_options(bs);
+    LamChild *file = lam_node_file(bs);
+    if (!strcmp(drv, "file")) {
+        return NULL;
+    }
+    json_t *o = json_pack("{s:s}", "driver", drv);
+    bool strong = false;
+    for (const char *const *k = strong_options(drv); *k; k++) {
+        json_t *v = json_object_get(opts, *k);
+        if (v) {
+            json_object_set(o, *k, v);
+            strong = true;
+        }
+    }
+    if (!file || !file->node) {
+        return o; /* a protocol without a path (null-co) */
+    }
+    json_t *child = pseudo_json(file->node);
+    if (!strong && !child) {
+        json_decref(o);
+        return NULL;
+    }
+    if (!child) {
+        child = json_pack("{s:s, s:s}", "driver", lam_node_format(file->node),
+                          "filename", lam_node_filename(file->node));
+    }
+    json_object_set_new(o, "file", child);
+    return o;
+}
+
 /* What "file"/"filename" show: the image path, or QEMU's json: pseudo
- * filename built from the options that define the node's content. */
+ * filename. */
 static char *display_filename(LamNode *bs)
 {
+    json_t *o = pseudo_json(bs);
     const char *fn = lam_node_filename(bs);
-    if (fn && *fn) {
-        return strdup(fn);
-    }
-    static const char *const runtime[] = {
-        "node-name", "read-only", "auto-read-only", "force-share", "cache",
-        "discard", "detect-zeroes", "latency-ns", NULL,
-    };
-    json_t *o = json_deep_copy(lam_node_options(bs));
-    if (!json_is_object(o)) {
-        json_decref(o);
-        o = json_pack("{s:s}", "driver", lam_node_format(bs));
-    }
-    for (const char *const *k = runtime; *k; k++) {
-        json_object_del(o, *k);
+    if (!o) {
+        return strdup(fn ? fn : "");
     }
     char *s = qmp_json_dumps(o);
     json_decref(o);
@@ -255,6 +296,9 @@ static char *display_filename(LamNode *bs)
 static json_t *image_info(LamNode *bs, bool flat)
 {
     json_t *img = json_object();
+    /* The core fills the generic members and the driver's (cluster-size,
+     * format-specific, ...); the display rules below are QEMU's. */
+    int info = lam_node_get_info(bs, img, NULL);
     char *fn = display_filename(bs);
     int64_t len = lam_node_length(bs);
     json_object_set_new(img, "virtual-size", json_integer(len < 0 ? 0 : len));
@@ -263,15 +307,18 @@ static json_t *image_info(LamNode *bs, bool flat)
     /* Nodes with no host storage (null-co) report 0, as in QEMU. */
     int64_t alloc = lam_node_allocated_size(bs);
     json_object_set_new(img, "actual-size", json_integer(alloc < 0 ? 0 : alloc));
-    /* QEMU shows dirty-flag for every driver that answers get_info, which
-     * is all of ours except null-co. */
-    if (lam_node_get_info(bs, img, NULL) == 0 &&
-        strncmp(lam_node_format(bs), "null-", 5) &&
+    /* QEMU shows dirty-flag when get_info succeeds, which for our drivers
+     * means: unless the bottom of the file chain is null-co. */
+    LamNode *bottom = bs;
+    while (lam_node_file(bottom) && lam_node_file(bottom)->node) {
+        bottom = lam_node_file(bottom)->node;
+    }
+    if (info == 0 && strncmp(lam_node_format(bottom), "null-", 5) &&
         !json_object_get(img, "dirty-flag")) {
         json_object_set_new(img, "dirty-flag", json_false());
     }
     const char *bf = lam_node_backing_file(bs);
-    if (bf) {
+    if (bf && *bf) {
         json_object_set_new(img, "backing-filename", json_string(bf));
         char *full = lam_path_combine(lam_node_filename(bs), bf);
         if (full) {

@@ -99,7 +99,7 @@ static const QmpMember export_nbd[] = {
     {NULL},
 };
 static const QmpVariant export_variants[] = {{"nbd", export_nbd}, {NULL}};
-static const QmpType export_args = {QMP_T_OBJECT, "BlockExportOptions", export_base,
+const QmpType qmp_export_options = {QMP_T_OBJECT, "BlockExportOptions", export_base,
                                     .discriminator = "type", .variants = export_variants};
 
 static bool export_exists(const char *id)
@@ -202,7 +202,7 @@ static int export_add(json_t *args, LamError **errp)
 
 int qmp_export_add(json_t *opts, LamError **errp)
 {
-    if (qmp_validate(&export_args, opts, true, errp) < 0) {
+    if (qmp_validate(&qmp_export_options, opts, true, errp) < 0) {
         return -1;
     }
     return export_add(opts, errp);
@@ -307,7 +307,7 @@ static const QmpCommandDef export_cmds[] = {
     {"nbd-server-stop", NULL, cmd_nbd_server_stop},
     {"nbd-server-add", &server_add_args, cmd_nbd_server_add},
     {"nbd-server-remove", &server_remove_args, cmd_nbd_server_remove},
-    {"block-export-add", &export_args, cmd_block_export_add},
+    {"block-export-add", &qmp_export_options, cmd_block_export_add},
     {"block-export-del", &export_del_args, cmd_block_export_del},
     {"query-block-exports", NULL, cmd_query_block_exports},
     {"query-block", NULL, cmd_query_block},

@@ -59,9 +59,14 @@ bool qmp_session_negotiated(const QmpSession *s);
 void qmp_session_set_negotiated(QmpSession *s, bool oob);
 
 /* Registration of the built-in command sets (called by main). */
+/* Optional hook for the jobs layer: if some daemon source defines it, main
+ * calls it after the built-in sets and before --blockdev/--export are
+ * applied (register commands, blockdev drivers such as copy-before-write). */
+void qmp_jobs_init(void) __attribute__((weak));
 void qmp_control_init(void);
 void qmp_block_init(void);
 void qmp_export_init(void);
+void qmp_schema_init(void); /* query-qmp-schema */
 
 /* ---- server (src/qmp/server.c) ---- */
 /* Listens on a UNIX socket (mode 0600, replaces a stale socket file). */
@@ -77,6 +82,7 @@ void qmp_request_quit(void);
 /* Adds a node like blockdev-add (used for --blockdev too). */
 int qmp_blockdev_add(json_t *opts, LamError **errp);
 int qmp_export_add(json_t *opts, LamError **errp); /* --export */
+extern const QmpType qmp_export_options; /* BlockExportOptions */
 /* Flushes and closes every monitor-owned node (shutdown). */
 void qmp_block_close_all(void);
 

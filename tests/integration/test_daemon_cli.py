@@ -171,3 +171,69 @@ def test_daemonize_reports_errors(tmp_path):
     p = run(["--daemonize", "--blockdev", '{"driver": "foo", "node-name": "x"}'])
     assert p.returncode == 1
     assert "Parameter 'driver' does not accept value 'foo'" in p.stderr
+
+
+def summary(nodes):
+    return sorted((n["node-name"], n["drv"], n["ro"], n["image"]["virtual-size"])
+                  for n in nodes if not n["node-name"].startswith("#"))
+
+
+@pytest.mark.parametrize("flavor", ["laminad", "qsd"])
+def test_keyval_command_line(tmp_path, flavor):
+    """QSD's key=value form gives the same graph in both daemons."""
+    img = tmp_path / "a,b.img"   # a comma, escaped as ",,"
+    img.write_bytes(b"\0" * 65536)
+    esc = str(img).replace(",", ",,")
+    args = ["--blockdev", f"driver=file,node-name=f,filename={esc},read-only=on",
+            "--blockdev", "driver=raw,node-name=r,file=f,offset=512,size=1024,read-only=on",
+            "--blockdev", f"driver=raw,node-name=r2,read-only=on,file.driver=file,file.filename={esc},"
+                          "file.node-name=f2,cache.direct=off",
+            "--blockdev", "driver=null-co,node-name=n,size=0x100000,read-zeroes=yes"]
+    with Daemon(args, tmp_path, flavor=flavor) as d:
+        nodes = d.qmp.cmd("query-named-block-nodes")
+        assert summary(nodes) == [
+            ("f", "file", True, 65536), ("f2", "file", True, 65536),
+            ("n", "null-co", False, 1 << 20), ("r", "raw", True, 1024), ("r2", "raw", True, 65536),
+        ]
+        files = {n["node-name"]: n["file"] for n in nodes}
+        assert files["f"] == files["f2"] == files["r2"] == str(img)
+        # json: pseudo filenames where the path doesn't describe the node
+        assert json.loads(files["n"][5:]) == {"driver": "null-co", "size": 1 << 20,
+                                              "read-zeroes": True}
+        assert json.loads(files["r"][5:]) == {"driver": "raw", "offset": 512, "size": 1024,
+                                              "file": {"driver": "file", "filename": str(img)}}
+
+
+@pytest.mark.parametrize("flavor", ["laminad", "qsd"])
+@pytest.mark.parametrize("arg,msg", [
+    ("driver=null-co,node-name=n,size=x", "Parameter 'size' expects integer"),
+    ("driver=raw,node-name=r,file=f,offset=1k", "Parameter 'offset' expects integer"),
+    ("driver=null-co,node-name=n,read-zeroes=maybe", "Parameter 'read-zeroes' expects 'on' or 'off'"),
+    ("driver=null-co,node-name", "Expected '=' after parameter 'node-name'"),
+    ("driver=raw,node-name=r,file.driver=file", "Parameter 'file.filename' is missing"),
+    ("driver=qcow2,node-name=q,file=f,backing=null", "Cannot find device='f' nor node-name='f'"),
+])
+def test_keyval_errors(tmp_path, arg, msg, flavor):
+    exe = LAMINAD if flavor == "laminad" else "qemu-storage-daemon"
+    p = subprocess.run([exe, "--blockdev", arg], capture_output=True, text=True, timeout=30)
+    assert p.returncode == 1
+    assert f"--blockdev {arg}: {msg}" in p.stderr if flavor == "qsd" else \
+        f"--blockdev: {msg}" in p.stderr, p.stderr
+
+
+def test_client_limit(tmp_path):
+    """64 QMP clients at once; more are refused, and the daemon stays fine."""
+    import socket as so
+    with Daemon([], tmp_path) as d:
+        clients = [d.qmp] + [d.connect(negotiate=False) for _ in range(63)]
+        extra = so.socket(so.AF_UNIX)
+        extra.settimeout(5)
+        extra.connect(d.sock)
+        assert extra.recv(100) == b""  # closed without a greeting
+        extra.close()
+        clients[-1].close()
+        d.clients.remove(clients[-1])
+        time.sleep(0.2)
+        c = d.connect()  # a slot is free again
+        assert "qemu" in c.cmd("query-version")
+        assert d.stop() == 0

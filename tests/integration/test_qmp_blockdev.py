@@ -217,6 +217,18 @@ def test_query_named_block_nodes_fields(d, tmp_path):
     n = nodes["n"]
     assert n["image"]["virtual-size"] == 2097152 and n["image"]["actual-size"] == 0
     assert "dirty-flag" not in n["image"]
+    assert n["file"].startswith("json:")
+    assert json.loads(n["file"][5:]) == {"driver": "null-co", "size": 2097152}
+    assert n["image"]["filename"] == n["file"]
+
+
+def test_pseudo_filenames(d):
+    d.qmp.cmd("blockdev-add", driver="null-co", node_name="n", size=1048576, read_zeroes=True)
+    d.qmp.cmd("blockdev-add", driver="raw", node_name="r2", file="n", read_only=True)
+    nodes = {n["node-name"]: n for n in d.qmp.cmd("query-named-block-nodes")}
+    assert json.loads(nodes["r2"]["file"][5:]) == {
+        "driver": "raw", "file": {"driver": "null-co", "size": 1048576, "read-zeroes": True}}
+    assert "dirty-flag" not in nodes["r2"]["image"]
 
 
 def test_block_graph(d, tmp_path):

@@ -195,3 +195,17 @@ def test_legacy_nbd_server_add_remove(d, tmp_path):
 def test_query_block_is_empty(d):
     assert d.qmp.cmd("query-block") == []
     expect_error(d, "query-block", {"a": 1}, "Parameter 'a' is unexpected")
+
+
+def test_event_before_reply_order(d, tmp_path):
+    """Without connected NBD clients the export goes away during the
+    command: QEMU sends BLOCK_EXPORT_DELETED before the command's reply."""
+    start_nbd(d, tmp_path)
+    d.qmp.cmd("blockdev-add", driver="null-co", node_name="n")
+    for stop_cmd in ({"execute": "block-export-del", "arguments": {"id": "e"}},
+                     {"execute": "nbd-server-stop"}):
+        d.qmp.cmd("block-export-add", type="nbd", id="e", node_name="n")
+        d.qmp.send_raw(json.dumps(stop_cmd))
+        first, second = d.qmp._read_msg(10), d.qmp._read_msg(10)
+        assert first["event"] == "BLOCK_EXPORT_DELETED" and first["data"] == {"id": "e"}
+        assert second == {"return": {}}

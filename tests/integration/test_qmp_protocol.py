@@ -281,3 +281,46 @@ def test_random_input_keeps_daemon_alive(d):
     c = d.connect()
     assert "return" in c.execute({"execute": "query-version"})
     assert d.proc.poll() is None
+
+
+def test_query_qmp_schema(d):
+    """Clients probe the schema for commands and members (e.g. whether
+    blockdev-add knows a driver option); check the shape and some facts
+    against QEMU's."""
+    d.qmp.negotiate()
+    schema = d.qmp.cmd("query-qmp-schema")
+    by_name = {e["name"]: e for e in schema}
+    cmds = {e["name"]: e for e in schema if e["meta-type"] == "command"}
+    assert {c["name"] for c in d.qmp.cmd("query-commands")} <= set(cmds)
+    for e in schema:
+        assert e["meta-type"] in {"command", "event", "object", "enum", "array", "builtin",
+                                  "alternate"}
+        if e["meta-type"] == "array":
+            assert e["element-type"] in by_name
+    assert by_name["str"] == {"name": "str", "meta-type": "builtin", "json-type": "string"}
+
+    def obj_members(tname):
+        t = by_name[tname]
+        ms = {m["name"]: m for m in t["members"]}
+        return t, ms
+
+    # blockdev-add: flat union on driver with a qcow2 variant holding backing
+    t, ms = obj_members(cmds["blockdev-add"]["arg-type"])
+    assert t["tag"] == "driver" and "default" not in ms["driver"]
+    assert "default" in ms["node-name"] and ms["node-name"]["type"] == "str"
+    drivers = by_name[ms["driver"]["type"]]
+    assert {"file", "raw", "qcow2", "null-co"} <= set(drivers["values"])
+    assert [m["name"] for m in drivers["members"]] == drivers["values"]
+    [q] = [v for v in t["variants"] if v["case"] == "qcow2"]
+    _, qms = obj_members(q["type"])
+    backing = by_name[qms["backing"]["type"]]
+    assert backing["meta-type"] == "alternate"
+    assert {by_name[m["type"]]["meta-type"] for m in backing["members"]} == {"object", "builtin"}
+    # query-named-block-nodes: optional bool flat
+    _, ms = obj_members(cmds["query-named-block-nodes"]["arg-type"])
+    assert ms["flat"]["type"] == "bool" and ms["flat"]["default"] is None
+    # qmp_capabilities: enable is an array of an enum with oob
+    _, ms = obj_members(cmds["qmp_capabilities"]["arg-type"])
+    arr = by_name[ms["enable"]["type"]]
+    assert arr["meta-type"] == "array" and by_name[arr["element-type"]]["values"] == ["oob"]
+    assert by_name["BLOCK_EXPORT_DELETED"]["meta-type"] == "event"
