@@ -67,6 +67,9 @@ struct LamDriver {
     int (*pwritev)(LamNode *bs, int64_t off, int64_t bytes, LamIOV *qiov, int flags);
     int (*pwrite_zeroes)(LamNode *bs, int64_t off, int64_t bytes, int flags);
     int (*pdiscard)(LamNode *bs, int64_t off, int64_t bytes);
+    /* Writes back the driver's own caches and makes its writes to its
+     * children durable in order (it may flush children itself for
+     * ordering).  The core then flushes every writable child edge. */
     int (*flush)(LamNode *bs);
     /* Flags as in block.h.  A format returns LAM_BS_ALLOCATED for ranges
      * that belong to this layer; 0 for "ask the backing file". */
@@ -122,11 +125,12 @@ struct LamNode {
     LamChild *parents;         /* singly linked via next_parent */
     int refcnt;
 
-    /* Request tracking.  reqs_lock protects reqs and the waiters' view of
-     * it; reqs_cond is broadcast whenever a request leaves. */
+    /* Request tracking.  reqs_lock protects reqs and reqs_waiters;
+     * reqs_cond is broadcast when a request leaves while someone waits. */
     pthread_mutex_t reqs_lock;
     pthread_cond_t reqs_cond;
     LamTrackedReq *reqs;
+    int reqs_waiters;
     _Atomic int in_flight;
     /* Write hooks (dirty bitmaps, thresholds) come later; writes notify
      * them after success. */
