@@ -141,6 +141,11 @@ LamChild *lam_root_attach(LamNode *bs, const char *user, uint64_t perm,
 void lam_root_detach(LamChild *root);
 int lam_child_set_perm(LamChild *c, uint64_t perm, uint64_t shared,
                        LamError **errp);
+/* Moves every parent edge of `from` (roots included) onto `to`, except the
+ * edges whose parent is `to` itself (QEMU's bdrv_replace_node; used to
+ * insert and remove job filters).  Checks permissions and cycles first;
+ * on failure nothing changes.  Control thread, inside a drained section. */
+int lam_node_replace(LamNode *from, LamNode *to, LamError **errp);
 
 /* ---- accessors ---- */
 const char *lam_node_name(const LamNode *bs);       /* "" if unnamed */
