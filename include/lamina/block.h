@@ -142,9 +142,9 @@ void lam_root_detach(LamChild *root);
 int lam_child_set_perm(LamChild *c, uint64_t perm, uint64_t shared,
                        LamError **errp);
 /* Moves every parent edge of `from` (roots included) onto `to`, except the
- * edges whose parent is `to` itself (QEMU's bdrv_replace_node; used to
- * insert and remove job filters).  Checks permissions and cycles first;
- * on failure nothing changes.  Control thread, inside a drained section. */
+ * edges whose parent is `to` or below `to` (moving those would make a
+ * cycle) -- QEMU's bdrv_replace_node; used to insert and remove job
+ * filters.  Checks permissions first; on failure nothing changes.  Control thread, inside a drained section. */
 int lam_node_replace(LamNode *from, LamNode *to, LamError **errp);
 
 /* ---- accessors ---- */
