@@ -202,6 +202,8 @@ static int job_apply_verb(LamJob *job, LamJobVerb verb, LamError **errp)
 
 /* ---- creation ---- */
 
+static void job_do_dismiss_locked(LamJob *job);
+
 static bool id_wellformed(const char *id)
 {
     if (!((id[0] >= 'a' && id[0] <= 'z') || (id[0] >= 'A' && id[0] <= 'Z'))) {
@@ -236,10 +238,6 @@ LamJob *lam_job_create(const LamJobDriver *drv, const char *id, int64_t speed,
         lam_error_setg(errp, "Invalid job ID '%s'", id);
         return NULL;
     }
-    if (speed < 0) {
-        lam_error_setg(errp, "Parameter 'speed' expects a non-negative value");
-        return NULL;
-    }
     assert(drv->instance_size >= sizeof(LamJob));
     LamJob *job = calloc(1, drv->instance_size);
     if (!job) {
@@ -253,8 +251,8 @@ LamJob *lam_job_create(const LamJobDriver *drv, const char *id, int64_t speed,
     job->auto_finalize = auto_finalize;
     job->auto_dismiss = auto_dismiss;
     job->busy = false;
-    job->speed = speed;
-    lam_ratelimit_set_speed(&job->limit, (uint64_t)speed);
+    job->speed = speed > 0 ? speed : 0;
+    lam_ratelimit_set_speed(&job->limit, (uint64_t)job->speed);
     pthread_condattr_t a;
     pthread_condattr_init(&a);
     pthread_condattr_setclock(&a, CLOCK_MONOTONIC);
@@ -276,6 +274,13 @@ LamJob *lam_job_create(const LamJobDriver *drv, const char *id, int64_t speed,
     }
     *tail = job;
     job_transition_locked(job, LAM_JOB_STATUS_CREATED);
+    if (speed < 0) {
+        /* QEMU sets the speed after creating the job: created, null. */
+        lam_error_setg(errp, "Parameter 'speed' expects a non-negative value");
+        job_do_dismiss_locked(job);
+        pthread_mutex_unlock(&job_lock);
+        return NULL;
+    }
     pthread_mutex_unlock(&job_lock);
     return job;
 }
