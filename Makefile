@@ -2,8 +2,9 @@
 # default (or the demo before it exists); `make check` runs every test.
 BUILD ?= build
 ASAN_BUILD ?= build-asan
+TSAN_BUILD ?= build-tsan
 
-.PHONY: all deps run check check-quick asan clean bench
+.PHONY: all deps run check asan tsan clean bench
 
 all: $(BUILD)/build.ninja
 	ninja -C $(BUILD)
@@ -20,14 +21,20 @@ $(ASAN_BUILD)/build.ninja:
 asan: $(ASAN_BUILD)/build.ninja
 	ninja -C $(ASAN_BUILD)
 
+$(TSAN_BUILD)/build.ninja:
+	meson setup $(TSAN_BUILD) -Db_sanitize=thread -Db_lundef=false
+
+tsan: $(TSAN_BUILD)/build.ninja
+	ninja -C $(TSAN_BUILD)
+
 run: deps all
 	sh scripts/run-default.sh $(BUILD)
 
-check: deps all asan
+check: deps all asan tsan
 	/usr/bin/python3 tests/run.py
 
 bench: deps all
 	sh bench/run-all.sh
 
 clean:
-	rm -rf $(BUILD) $(ASAN_BUILD)
+	rm -rf $(BUILD) $(ASAN_BUILD) $(TSAN_BUILD)

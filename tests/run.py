@@ -2,9 +2,11 @@
 """Runs every test suite and ends with the line 'TOTAL: N passed, N failed'.
 
 Suites: C unit tests (meson test) in build/, the same unit tests under
-ASan+UBSan in build-asan/ (if configured), and the Python integration
-tests (pytest) against build/.  Usage: tests/run.py [--quick]
+ASan+UBSan in build-asan/, the tests of suite 'concurrency' under TSan in
+build-tsan/ (each if configured), and the Python integration tests
+(pytest) against build/.  Usage: tests/run.py [--quick]
 """
+import json
 import os
 import re
 import subprocess
@@ -15,7 +17,7 @@ import xml.etree.ElementTree as ET
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def meson_unit(builddir, label):
+def meson_unit(builddir, label, suite="unit"):
     if not os.path.exists(os.path.join(ROOT, builddir, "build.ninja")):
         print(f"== {label}: {builddir} not configured, skipped")
         return 0, 0
@@ -23,17 +25,37 @@ def meson_unit(builddir, label):
     env = dict(os.environ)
     env.setdefault("ASAN_OPTIONS", "detect_leaks=1:abort_on_error=1")
     env.setdefault("UBSAN_OPTIONS", "print_stacktrace=1:halt_on_error=1")
+    env.setdefault("TSAN_OPTIONS", "halt_on_error=1:second_deadlock_stack=1")
     p = subprocess.run(["meson", "test", "-C", builddir, "--print-errorlogs",
-                        "--suite", "unit", "--num-processes", "2"],
+                        "--suite", suite, "--num-processes", "2"],
                        cwd=ROOT, env=env, capture_output=True, text=True)
     out = p.stdout + p.stderr
     print(out[-20000:])
-    counts = {}
-    for key in ("Ok", "Expected Fail", "Fail", "Unexpected Pass", "Skipped", "Timeout"):
-        m = re.search(r"^%s:\s+(\d+)" % re.escape(key), out, re.M)
-        counts[key] = int(m.group(1)) if m else 0
-    passed = counts["Ok"] + counts["Expected Fail"]
-    failed = counts["Fail"] + counts["Unexpected Pass"] + counts["Timeout"]
+    # Count TAP subtests individually (one executable holds many cases);
+    # other tests count once.
+    passed = failed = 0
+    log = os.path.join(ROOT, builddir, "meson-logs", "testlog.json")
+    try:
+        with open(log) as f:
+            entries = [json.loads(line) for line in f if line.strip()]
+    except OSError:
+        entries = []
+    for e in entries:
+        ok = e.get("result") in ("OK", "EXPECTEDFAIL", "SKIP")
+        stdout = e.get("stdout") or ""
+        tap_ok = len(re.findall(r"^ok \d+", stdout, re.M))
+        tap_bad = len(re.findall(r"^not ok \d+", stdout, re.M))
+        if tap_ok + tap_bad:
+            passed += tap_ok
+            failed += tap_bad
+            if not ok and tap_bad == 0:
+                failed += 1  # crashed or exited non-zero after its cases
+        elif e.get("result") == "SKIP":
+            continue
+        elif ok:
+            passed += 1
+        else:
+            failed += 1
     if p.returncode != 0 and failed == 0:
         failed = 1  # meson itself failed
     return passed, failed
@@ -65,8 +87,10 @@ def pytest_suite(paths, label, extra_env=None):
 
 def main():
     total_p = total_f = 0
-    for builddir, label in (("build", "unit"), ("build-asan", "unit (ASan+UBSan)")):
-        p, f = meson_unit(builddir, label)
+    for builddir, label, suite in (("build", "unit", "unit"),
+                                   ("build-asan", "unit (ASan+UBSan)", "unit"),
+                                   ("build-tsan", "concurrency (TSan)", "concurrency")):
+        p, f = meson_unit(builddir, label, suite)
         total_p += p
         total_f += f
     paths = [a for a in sys.argv[1:] if not a.startswith("--")] or ["tests/integration"]

@@ -119,6 +119,22 @@ static LamChild *filtered_child(LamNode *bs)
     return c ? c : lam_node_child(bs, "filtered");
 }
 
+/* The part [off, off+len) of q.  The common case (all of q) borrows q's
+ * vector: no allocation on the hot path. */
+static void sub_iov(LamIOV *sub, LamIOV *q, size_t off, size_t len)
+{
+    if (off == 0 && len == q->size) {
+        *sub = *q;
+        if (q->iov == &q->local) {
+            sub->iov = &sub->local;
+        }
+        sub->nalloc = 0; /* borrowed: lam_iov_destroy won't free it */
+        return;
+    }
+    lam_iov_init(sub, q->niov);
+    lam_iov_concat(sub, q, off, len);
+}
+
 static int drv_preadv(LamNode *bs, int64_t off, int64_t bytes, LamIOV *qiov,
                       size_t qoff, int flags)
 {
@@ -146,8 +162,7 @@ static int drv_preadv(LamNode *bs, int64_t off, int64_t bytes, LamIOV *qiov,
     }
     for (int64_t done = 0; done < bytes && ret >= 0; done += max) {
         int64_t n = bytes - done < max ? bytes - done : max;
-        lam_iov_init(&sub, qiov->niov);
-        lam_iov_concat(&sub, qiov, qoff + (size_t)done, (size_t)n);
+        sub_iov(&sub, qiov, qoff + (size_t)done, (size_t)n);
         if (drv->preadv) {
             ret = drv->preadv(bs, off + done, n, &sub, flags);
         } else if (drv->kind == LAM_DRV_FILTER && filtered_child(bs)) {
@@ -185,8 +200,7 @@ static int drv_pwritev(LamNode *bs, int64_t off, int64_t bytes, LamIOV *qiov,
     for (int64_t done = 0; done < bytes && ret >= 0; done += max) {
         int64_t n = bytes - done < max ? bytes - done : max;
         LamIOV sub;
-        lam_iov_init(&sub, qiov->niov);
-        lam_iov_concat(&sub, qiov, qoff + (size_t)done, (size_t)n);
+        sub_iov(&sub, qiov, qoff + (size_t)done, (size_t)n);
         if (drv->pwritev) {
             ret = drv->pwritev(bs, off + done, n, &sub, flags);
         } else if (drv->kind == LAM_DRV_FILTER && filtered_child(bs)) {

@@ -176,20 +176,26 @@ static int do_rw(LamNode *bs, int64_t off, int64_t bytes, LamIOV *qiov, bool wri
         return ret;
     }
     int64_t done = 0;
-    struct iovec stackv[16];
+    /* First try the caller's vector as is: one syscall, no allocation.
+     * Only short transfers (EOF, signals) rebuild a vector for the rest. */
+    if (qiov->niov <= IOV_MAX && (int64_t)qiov->size == bytes) {
+        ssize_t n;
+        do {
+            n = write ? pwritev(s->fd, qiov->iov, qiov->niov, off)
+                      : preadv(s->fd, qiov->iov, qiov->niov, off);
+        } while (n < 0 && errno == EINTR);
+        if (n < 0) {
+            return -errno;
+        }
+        done = n;
+    }
     while (done < bytes) {
-        /* Build an iovec for the remaining part. */
         LamIOV rest;
         lam_iov_init(&rest, qiov->niov);
         lam_iov_concat(&rest, qiov, (size_t)done, (size_t)(bytes - done));
         int cnt = rest.niov > IOV_MAX ? IOV_MAX : rest.niov;
-        struct iovec *v = rest.iov;
-        if (cnt <= 16) {
-            memcpy(stackv, rest.iov, sizeof(struct iovec) * (size_t)cnt);
-            v = stackv;
-        }
-        ssize_t n = write ? pwritev(s->fd, v, cnt, off + done)
-                          : preadv(s->fd, v, cnt, off + done);
+        ssize_t n = write ? pwritev(s->fd, rest.iov, cnt, off + done)
+                          : preadv(s->fd, rest.iov, cnt, off + done);
         int err = errno;
         lam_iov_destroy(&rest);
         if (n < 0) {
