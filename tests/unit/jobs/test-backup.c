@@ -558,6 +558,74 @@ static void test_classic_fleecing(void)
        (long long)without);
 }
 
+
+/* Target behind blkdebug: error policies of the background copy. */
+static void blkdebug_case(const char *name, LamOnError pol, int err, bool once,
+                          const char *want_events, bool expect_stop)
+{
+    make_file("a6", LEN, true);
+    make_file("b6", LEN, false);
+    LamNode *a = open_file("a6", "a6");
+    LamNode *bf = open_file("b6f", "b6");
+    json_t *rule = json_pack("{s:s, s:i, s:b}", "event", "write_aio", "errno", err, "once", once);
+    LamNode *b = open_opts(json_pack("{s:s, s:s, s:s, s:[o]}", "driver", "blkdebug",
+                                     "node-name", "b6", "image", "b6f", "inject-error", rule));
+    LamBackupParams p;
+    lam_backup_params_init(&p);
+    p.job_id = "bd";
+    p.on_target_error = pol;
+    p.max_workers = 1;
+    LamJob *job = lam_backup_start(a, b, &p, NULL);
+    lam_job_ref(job);
+    if (expect_stop) {
+        bool paused = lam_job_wait_status(job, LAM_JOB_STATUS_PAUSED, 5000);
+        json_t *info = lam_block_job_info(job);
+        const char *ios = json_string_value(json_object_get(info, "io-status"));
+        ok(paused && ios && !strcmp(ios, err == ENOSPC ? "nospace" : "failed"),
+           "%s: stopped with io-status %s", name, ios ? ios : "?");
+        json_decref(info);
+        LamError *e = NULL;
+        lam_job_user_cancel(job, false, true, &e);
+        ok(e && !strcmp(e->msg, "The block job for device 'bd' is currently paused"),
+           "%s: block-job-cancel refused while stopped", name);
+        lam_error_free(e);
+        lam_job_user_resume(job, NULL);
+    }
+    int r = lam_job_run_until_done(job);
+    lam_job_unref(job);
+    ok(ev_is(want_events), "%s: events (ret %d)", name, r);
+    if (r == 0) {
+        LamChild *rb = lam_root_attach(bf, "check", LAM_PERM_CONSISTENT_READ, LAM_PERM_ALL, NULL);
+        ok(count_mismatch(rb, LEN) == 0, "%s: target complete after retry", name);
+        lam_root_detach(rb);
+    }
+    lam_node_unref(b);
+    lam_node_unref(bf);
+    lam_node_unref(a);
+}
+
+static void test_blkdebug_policies(void)
+{
+    blkdebug_case("report", LAM_ONERR_REPORT, EIO, false,
+                  "created running ERROR aborting COMPLETED concluded null ", false);
+    blkdebug_case("ignore", LAM_ONERR_IGNORE, EIO, true,
+                  "created running ERROR waiting pending COMPLETED concluded null ", false);
+    blkdebug_case("enospc", LAM_ONERR_ENOSPC, ENOSPC, true,
+                  "created running ERROR paused running waiting pending COMPLETED concluded null ",
+                  true);
+    blkdebug_case("stop", LAM_ONERR_STOP, EIO, true,
+                  "created running ERROR paused running waiting pending COMPLETED concluded null ",
+                  true);
+    LamError *err = NULL;
+    json_t *bad = json_pack("{s:s, s:s, s:{s:s, s:s}, s:[{s:s}]}", "driver", "blkdebug",
+                            "node-name", "bad", "image", "driver", "null-co", "size", "1M",
+                            "inject-error", "event", "no_such_event");
+    ok(!lam_node_open(bad, LAM_O_RDWR, &err) && err, "blkdebug: unknown event refused (%s)",
+       err ? err->msg : "");
+    json_decref(bad);
+    lam_error_free(err);
+}
+
 int main(void)
 {
     setvbuf(stdout, NULL, _IOLBF, 0);
@@ -571,6 +639,7 @@ int main(void)
     test_sync_none_cancel();
     test_snapshot_access_stress();
     test_classic_fleecing();
+    test_blkdebug_policies();
     char cmd[300];
     snprintf(cmd, sizeof(cmd), "rm -rf %s", tmpdir);
     if (system(cmd) != 0) {
