@@ -72,6 +72,13 @@ static bool ev_is(const char *want)
     return r;
 }
 
+static void ev_clear(void)
+{
+    pthread_mutex_lock(&ev_lock);
+    ev_log[0] = 0;
+    pthread_mutex_unlock(&ev_lock);
+}
+
 static uint8_t pattern0(int64_t off)
 {
     return (uint8_t)((off / 512) * 7 + 1);
@@ -626,6 +633,124 @@ static void test_blkdebug_policies(void)
     lam_error_free(err);
 }
 
+static bool qmp_err(int (*fn)(json_t *, LamError **), json_t *args, const char *want)
+{
+    LamError *err = NULL;
+    int r = fn(args, &err);
+    bool good = r < 0 && err && !strcmp(err->msg, want);
+    if (!good) {
+        printf("# got '%s'\n", err ? err->msg : "(none)");
+    }
+    lam_error_free(err);
+    json_decref(args);
+    return good;
+}
+
+static void test_qmp_args(void)
+{
+    make_file("a7", LEN, true);
+    make_file("b7", LEN, false);
+    LamNode *a = open_file("a7", "a7");
+    LamNode *b = open_file("b7", "b7");
+    ok(qmp_err(lam_qmp_blockdev_backup,
+               json_pack("{s:s, s:s, s:s, s:s}", "job-id", "q", "device", "nope", "target", "b7",
+                         "sync", "full"),
+               "Cannot find device='nope' nor node-name='nope'"), "unknown device");
+    ok(qmp_err(lam_qmp_blockdev_backup,
+               json_pack("{s:s, s:s, s:s}", "device", "a7", "target", "b7", "sync", "full"),
+               "Invalid job ID ''"), "job-id required");
+    ok(qmp_err(lam_qmp_blockdev_backup,
+               json_pack("{s:s, s:s, s:s, s:s}", "job-id", "bad id!", "device", "a7", "target",
+                         "b7", "sync", "full"),
+               "Invalid job ID 'bad id!'"), "malformed job-id");
+    ok(qmp_err(lam_qmp_blockdev_backup,
+               json_pack("{s:s, s:s, s:s, s:s}", "job-id", "q", "device", "a7", "target", "b7",
+                         "sync", "incremental"),
+               "must provide a valid bitmap name for 'incremental' sync mode"), "incremental w/o bitmap");
+    ok(qmp_err(lam_qmp_blockdev_backup,
+               json_pack("{s:s, s:s, s:s, s:s, s:{s:i}}", "job-id", "q", "device", "a7", "target",
+                         "b7", "sync", "full", "x-perf", "max-workers", 0),
+               "max-workers must be between 1 and 2147483647"), "x-perf max-workers");
+    ok(qmp_err(lam_qmp_blockdev_backup,
+               json_pack("{s:s, s:s, s:s, s:s, s:{s:i}}", "job-id", "q", "device", "a7", "target",
+                         "b7", "sync", "full", "x-perf", "max-chunk", 4096),
+               "Required max-chunk (4096) is less than backup cluster size (65536)"), "x-perf max-chunk");
+    ev_clear();
+
+    /* A running job makes its id busy. */
+    LamError *err = NULL;
+    int r = lam_qmp_blockdev_backup(json_pack("{s:s, s:s, s:s, s:s, s:s, s:I}", "job-id", "q",
+                                              "device", "a7", "target", "b7", "sync", "full",
+                                              "on-target-error", "stop", "speed", (json_int_t)1024),
+                                    &err);
+    ok(r == 0, "blockdev-backup started %s", err ? err->msg : "");
+    make_file("c7", LEN, false);
+    LamNode *c = open_file("c7", "c7");
+    ok(qmp_err(lam_qmp_blockdev_backup,
+               json_pack("{s:s, s:s, s:s, s:s}", "job-id", "q", "device", "c7", "target", "b7",
+                         "sync", "full"),
+               "Job ID 'q' already in use"), "duplicate job id");
+    LamJob *job = lam_job_find("q");
+    lam_job_ref(job);
+    lam_job_set_speed(job, 0, NULL);
+    lam_job_run_until_done(job);
+    lam_job_unref(job);
+    ev_clear();
+
+    /* drive-backup creates a raw target and copies. */
+    char path[512];
+    snprintf(path, sizeof(path), "%s/d7.raw", tmpdir);
+    r = lam_qmp_drive_backup(json_pack("{s:s, s:s, s:s, s:s, s:s}", "job-id", "d", "device",
+                                       "a7", "target", path, "format", "raw", "sync", "full"),
+                             &err);
+    ok(r == 0, "drive-backup started %s", err ? err->msg : "");
+    job = lam_job_find("d");
+    lam_job_ref(job);
+    ok(lam_job_run_until_done(job) == 0, "drive-backup completed");
+    lam_job_unref(job);
+    ok(ev_is("created running waiting pending COMPLETED concluded null "), "drive-backup events");
+    LamNode *d = open_opts(json_pack("{s:s, s:s, s:{s:s, s:s}}", "driver", "raw", "node-name", "d7",
+                                     "file", "driver", "file", "filename", path));
+    LamChild *rd = lam_root_attach(d, "check", LAM_PERM_CONSISTENT_READ, LAM_PERM_ALL, NULL);
+    ok(count_mismatch(rd, LEN) == 0, "drive-backup target content");
+    lam_root_detach(rd);
+    lam_node_unref(d);
+    ok(qmp_err(lam_qmp_drive_backup,
+               json_pack("{s:s, s:s, s:s, s:s, s:s}", "job-id", "d2", "device", "a7", "target",
+                         path, "format", "nope", "sync", "full"),
+               "Unknown file format 'nope'"), "drive-backup unknown format");
+
+    /* blockdev-create: concludes, waits for dismiss. */
+    snprintf(path, sizeof(path), "%s/created.img", tmpdir);
+    r = lam_qmp_blockdev_create(json_pack("{s:s, s:{s:s, s:s, s:I}}", "job-id", "cr",
+                                          "options", "driver", "file", "filename", path, "size",
+                                          (json_int_t)(1 << 20)),
+                                &err);
+    job = lam_job_find("cr");
+    ok(r == 0 && job && lam_job_wait_status(job, LAM_JOB_STATUS_CONCLUDED, 5000),
+       "blockdev-create concluded");
+    struct stat st;
+    ok(stat(path, &st) == 0 && st.st_size == 1 << 20, "blockdev-create made the file");
+    lam_job_dismiss(job, NULL);
+    ok(ev_is("created running waiting pending concluded null "), "blockdev-create events");
+    r = lam_qmp_blockdev_create(json_pack("{s:s, s:{s:s, s:s, s:I}}", "job-id", "cr2",
+                                          "options", "driver", "nope", "filename", path, "size",
+                                          (json_int_t)(1 << 20)),
+                                &err);
+    job = lam_job_find("cr2");
+    ok(r == 0 && job && lam_job_wait_status(job, LAM_JOB_STATUS_CONCLUDED, 5000),
+       "failing blockdev-create still concludes");
+    json_t *q = lam_query_jobs();
+    const char *e = json_string_value(json_object_get(json_array_get(q, 0), "error"));
+    ok(e != NULL, "query-jobs shows the create error (%s)", e ? e : "");
+    json_decref(q);
+    lam_job_dismiss(job, NULL);
+    ok(ev_is("created running aborting concluded null "), "failed blockdev-create events");
+    lam_node_unref(a);
+    lam_node_unref(b);
+    lam_node_unref(c);
+}
+
 int main(void)
 {
     setvbuf(stdout, NULL, _IOLBF, 0);
@@ -640,6 +765,7 @@ int main(void)
     test_snapshot_access_stress();
     test_classic_fleecing();
     test_blkdebug_policies();
+    test_qmp_args();
     char cmd[300];
     snprintf(cmd, sizeof(cmd), "rm -rf %s", tmpdir);
     if (system(cmd) != 0) {
