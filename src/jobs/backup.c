@@ -6,6 +6,7 @@
  * thread between lam_drain_begin/end: at creation and in clean().  The job
  * thread only does I/O through the filter's child edges. */
 #include <errno.h>
+#include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 
@@ -27,6 +28,11 @@ typedef struct BackupJob {
     LamChild *relaxed_edge;
     uint64_t relaxed_old_shared;
     bool own_target;        /* drive-backup: we opened the target */
+    /* The job's own uses of its nodes ("backup job 'id'"), taking nothing
+     * and sharing everything: they make the nodes busy for blockdev-del
+     * and show the job in graph queries. */
+    LamChild *job_root_filter;
+    LamChild *job_root_target;
 } BackupJob;
 
 void lam_backup_params_init(LamBackupParams *p)
@@ -84,6 +90,9 @@ static void backup_clean(LamJob *job)
         return;
     }
     lam_drain_begin();
+    lam_root_detach(b->job_root_filter);
+    lam_root_detach(b->job_root_target);
+    b->job_root_filter = b->job_root_target = NULL;
     LamError *err = NULL;
     if (lam_node_replace(b->filter, b->source, &err) < 0) {
         lam_warn("backup job '%s': could not remove the filter: %s",
@@ -236,6 +245,10 @@ LamJob *lam_backup_start(LamNode *source, LamNode *target, const LamBackupParams
     if (lam_node_replace(source, b->filter, &err) < 0) {
         goto fail;
     }
+    char user[300];
+    snprintf(user, sizeof(user), "backup job '%s'", p->job_id ? p->job_id : "");
+    b->job_root_filter = lam_root_attach(b->filter, user, 0, LAM_PERM_ALL, NULL);
+    b->job_root_target = lam_root_attach(target, user, 0, LAM_PERM_ALL, NULL);
     lam_drain_end();
     lam_job_start(&b->common);
     return &b->common;
