@@ -10,9 +10,13 @@
  * event is raised in its state; an armed rule fails the next request of a
  * matching iotype that covers its sector (immediately=true: the request
  * raising the event itself, which in this model is the same request).
- * once=true removes the rule after it fired. */
+ * once=true removes the rule after it fired.
+ *
+ * Our extension x-read-delay-us (tests only) delays every read, to widen
+ * race windows such as the fleecing race of seed 001. */
 #include <errno.h>
 #include <stdlib.h>
+#include <unistd.h>
 #include <string.h>
 
 #include "lamina/driver.h"
@@ -40,12 +44,13 @@ typedef struct BlkdebugState {
     pthread_mutex_t lock; /* protects rules, state */
     Rule *rules;
     int64_t state;
+    int64_t read_delay_us;
 } BlkdebugState;
 
 static const char *const blkdebug_options[] = {
     "image", "config", "align", "max-transfer", "opt-write-zero", "max-write-zero",
     "opt-discard", "max-discard", "inject-error", "set-state", "take-child-perms",
-    "unshare-child-perms", NULL,
+    "unshare-child-perms", "x-read-delay-us", NULL,
 };
 
 static const char *const known_events[] = {
@@ -227,6 +232,10 @@ static int blkdebug_do_open(LamNode *bs, json_t *opts, LamError **errp)
     int64_t align = lam_opt_int(opts, "align", 0, &err);
     int64_t max_transfer = lam_opt_int(opts, "max-transfer", 0, &err);
     int64_t max_wz = lam_opt_int(opts, "max-write-zero", 0, &err);
+    s->read_delay_us = lam_opt_int(opts, "x-read-delay-us", 0, &err);
+    if (!err && (s->read_delay_us < 0 || s->read_delay_us > 1000000)) {
+        lam_error_setg(&err, "x-read-delay-us must be between 0 and 1000000");
+    }
     if (err) {
         lam_error_propagate(errp, err);
         return -EINVAL;
@@ -292,6 +301,9 @@ static int blkdebug_preadv(LamNode *bs, int64_t off, int64_t bytes, LamIOV *qiov
 {
     BlkdebugState *s = bs->opaque;
     int ret = check_request(bs, "read_aio", NULL, IO_READ, off, bytes);
+    if (s->read_delay_us) {
+        usleep((useconds_t)s->read_delay_us);
+    }
     return ret ? ret : lam_co_preadv(s->image, off, bytes, qiov, flags);
 }
 

@@ -35,9 +35,20 @@ static const char *const cbw_options[] = {
 
 extern const LamDriver lam_drv_copy_before_write;
 
+/* The backing chain, seen through filters (blkdebug's child is "image"). */
+static LamNode *next_in_chain(LamNode *n)
+{
+    LamNode *b = lam_node_backing_node(n);
+    if (!b && lam_node_driver(n)->kind == LAM_DRV_FILTER) {
+        LamChild *c = lam_node_child(n, "image");
+        b = c ? c->node : NULL;
+    }
+    return b;
+}
+
 static bool chain_contains(LamNode *top, LamNode *needle)
 {
-    for (LamNode *n = top; n; n = lam_node_backing_node(n)) {
+    for (LamNode *n = top; n; n = next_in_chain(n)) {
         if (n == needle) {
             return true;
         }

@@ -233,7 +233,7 @@ static const QmpMember blkdebug_members[] = {
     {"max-write-zero", &qmp_t_int, true}, {"opt-discard", &qmp_t_int, true},
     {"max-discard", &qmp_t_int, true}, {"inject-error", &inject_list, true},
     {"set-state", &setstate_list, true}, {"take-child-perms", &str_list, true},
-    {"unshare-child-perms", &str_list, true}, {NULL}};
+    {"unshare-child-perms", &str_list, true}, {"x-read-delay-us", &qmp_t_int, true}, {NULL}};
 
 __attribute__((constructor)) static void qmp_jobs_register(void)
 {
