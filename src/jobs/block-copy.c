@@ -192,8 +192,11 @@ static int do_copy(LamBlockCopy *s, int64_t off, int64_t bytes, bool *is_read)
         int64_t pnum = end - off;
         int depth = 0;
         bool zero = false;
-        /* Compressed clusters must be written whole: no zero splitting. */
-        if (!(s->write_flags & LAM_REQ_WRITE_COMPRESSED)) {
+        /* A compressed write is exactly one cluster: no zero splitting,
+         * one request per cluster. */
+        if (s->write_flags & LAM_REQ_WRITE_COMPRESSED) {
+            pnum = s->cluster_size < end - off ? s->cluster_size : end - off;
+        } else {
             int st = lam_co_block_status_above(s->source, NULL, off, end - off, &pnum,
                                                NULL, NULL, &depth);
             if (st < 0 || pnum <= 0) {
