@@ -43,8 +43,10 @@ def make_file(path, size, pattern=None):
         f.truncate(size)
         if pattern is not None:
             for off in range(0, size, 65536):
-                f.seek(off)
-                f.write(bytes([pattern(off)]) * 65536)
+                b = pattern(off)
+                if b:  # zero blocks stay holes
+                    f.seek(off)
+                    f.write(bytes([b]) * 65536)
 
 
 def add_file(q, name, path, **extra):
