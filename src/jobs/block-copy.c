@@ -8,7 +8,9 @@
 #include "lamina/driver.h"
 
 #define DEFAULT_MAX_CHUNK (1 << 20)
-#define MAX_WORKERS 64
+/* Requests in flight are threads here: more than this only adds context
+ * switches on the machines we target. */
+#define MAX_WORKERS 16
 
 typedef struct CopyTask {
     int64_t off, bytes;
@@ -37,8 +39,10 @@ struct LamBlockCopy {
     void *progress_opaque;
 
     pthread_mutex_t lock; /* protects everything below */
-    pthread_cond_t cond;  /* broadcast when a task or frozen read ends,
-                           * or work is queued / a worker gets idle */
+    pthread_cond_t cond;  /* broadcast when a task or frozen read ends or
+                           * a worker gets idle */
+    pthread_cond_t work_cond; /* signalled when work is queued or workers
+                               * must stop */
     LamBitmap *bitmap;    /* set = still to copy */
     CopyTask *tasks;      /* in-flight copies */
     FrozenRead *frozen;   /* in-flight snapshot reads from the source */
@@ -47,6 +51,7 @@ struct LamBlockCopy {
     WorkItem *queue;
     int busy_workers;
     bool stop_workers;
+    int64_t max_chunk;    /* worker buffer size */
     int bg_err;           /* first unhandled background error */
     bool bg_err_is_read;
 };
@@ -91,6 +96,7 @@ LamBlockCopy *lam_block_copy_new(LamChild *source, LamChild *target,
     s->target_has_backing = lam_node_backing_node(target->node) != NULL;
     pthread_mutex_init(&s->lock, NULL);
     pthread_cond_init(&s->cond, NULL);
+    pthread_cond_init(&s->work_cond, NULL);
     return s;
 }
 
@@ -102,6 +108,7 @@ void lam_block_copy_free(LamBlockCopy *s)
     lam_bitmap_free(s->bitmap);
     pthread_mutex_destroy(&s->lock);
     pthread_cond_destroy(&s->cond);
+    pthread_cond_destroy(&s->work_cond);
     free(s);
 }
 
@@ -173,10 +180,8 @@ static int copy_data(LamBlockCopy *s, int64_t off, int64_t bytes, void *buf,
     return lam_co_pwrite(s->target, off, bytes, buf, s->write_flags);
 }
 
-/* Copies [off, off+bytes) (cluster aligned, within len). */
-static int do_copy(LamBlockCopy *s, int64_t off, int64_t bytes, bool *is_read)
+static void *alloc_buf(LamBlockCopy *s, int64_t bytes)
 {
-    *is_read = false;
     void *buf = NULL;
     size_t align = 4096;
     const LamLimits *bl = lam_node_limits(s->source->node);
@@ -184,8 +189,16 @@ static int do_copy(LamBlockCopy *s, int64_t off, int64_t bytes, bool *is_read)
         align = bl->min_mem_alignment;
     }
     if (posix_memalign(&buf, align, (size_t)bytes) != 0) {
-        return -ENOMEM;
+        return NULL;
     }
+    return buf;
+}
+
+/* Copies [off, off+bytes) (cluster aligned, within len) through buf,
+ * which holds at least bytes. */
+static int do_copy(LamBlockCopy *s, int64_t off, int64_t bytes, void *buf, bool *is_read)
+{
+    *is_read = false;
     int ret = 0;
     int64_t end = off + bytes;
     while (off < end && ret == 0) {
@@ -218,7 +231,6 @@ static int do_copy(LamBlockCopy *s, int64_t off, int64_t bytes, bool *is_read)
         ret = zero ? write_zeroes(s, off, pnum) : copy_data(s, off, pnum, buf, is_read);
         off += pnum;
     }
-    free(buf);
     return ret;
 }
 
@@ -305,7 +317,9 @@ int lam_block_copy_cbw(LamBlockCopy *s, int64_t off, int64_t bytes)
             claim_locked(s, &t, d, end - d);
             pthread_mutex_unlock(&s->lock);
             bool is_read;
-            ret = do_copy(s, t.off, t.bytes, &is_read);
+            void *buf = alloc_buf(s, t.bytes);
+            ret = buf ? do_copy(s, t.off, t.bytes, buf, &is_read) : -ENOMEM;
+            free(buf);
             pthread_mutex_lock(&s->lock);
             task_end_locked(s, &t, ret);
             if (ret < 0) {
@@ -430,10 +444,13 @@ int64_t lam_block_copy_reset_unallocated(LamBlockCopy *s, LamJob *job)
 static void *worker_main(void *opaque)
 {
     LamBlockCopy *s = opaque;
+    /* One buffer per worker for the whole run: a fresh large allocation
+     * per chunk costs page faults on every copy. */
+    void *buf = alloc_buf(s, s->max_chunk);
     pthread_mutex_lock(&s->lock);
     for (;;) {
         while (!s->queue && !s->stop_workers) {
-            pthread_cond_wait(&s->cond, &s->lock);
+            pthread_cond_wait(&s->work_cond, &s->lock);
         }
         if (!s->queue) {
             break;
@@ -442,7 +459,7 @@ static void *worker_main(void *opaque)
         s->queue = w->next;
         pthread_mutex_unlock(&s->lock);
         bool is_read;
-        int ret = do_copy(s, w->task.off, w->task.bytes, &is_read);
+        int ret = buf ? do_copy(s, w->task.off, w->task.bytes, buf, &is_read) : -ENOMEM;
         if (ret == 0) {
             report_progress(s, w->task.bytes);
         }
@@ -457,6 +474,7 @@ static void *worker_main(void *opaque)
         pthread_cond_broadcast(&s->cond);
     }
     pthread_mutex_unlock(&s->lock);
+    free(buf);
     return NULL;
 }
 
@@ -487,6 +505,7 @@ int lam_block_copy_run(LamBlockCopy *s, LamJob *job, int max_workers,
     max_chunk = max_chunk < s->cluster_size ? s->cluster_size
                                             : max_chunk / s->cluster_size * s->cluster_size;
 
+    s->max_chunk = max_chunk;
     pthread_t threads[MAX_WORKERS];
     int nthreads = 0;
     s->stop_workers = false;
@@ -561,7 +580,7 @@ int lam_block_copy_run(LamBlockCopy *s, LamJob *job, int max_workers,
         }
         *tail = w;
         s->busy_workers++;
-        pthread_cond_broadcast(&s->cond);
+        pthread_cond_signal(&s->work_cond);
         pthread_mutex_unlock(&s->lock);
         /* Speed limit and pause point: between dispatches only, so a
          * paused job has nothing new in flight. */
@@ -570,7 +589,7 @@ int lam_block_copy_run(LamBlockCopy *s, LamJob *job, int max_workers,
     }
     drain_workers_locked(s);
     s->stop_workers = true;
-    pthread_cond_broadcast(&s->cond);
+    pthread_cond_broadcast(&s->work_cond);
     int late_err = s->bg_err;
     bool late_is_read = s->bg_err_is_read;
     s->bg_err = 0;
