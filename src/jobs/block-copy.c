@@ -52,6 +52,8 @@ struct LamBlockCopy {
     int busy_workers;
     bool stop_workers;
     int64_t max_chunk;    /* worker buffer size */
+    int64_t bsc_off, bsc_end; /* block status cache: [off, end) is ... */
+    bool bsc_zero;            /* ... zero (true) or data (false) */
     int bg_err;           /* first unhandled background error */
     bool bg_err_is_read;
 };
@@ -180,6 +182,49 @@ static int copy_data(LamBlockCopy *s, int64_t off, int64_t bytes, void *buf,
     return lam_co_pwrite(s->target, off, bytes, buf, s->write_flags);
 }
 
+/* Block status cache.  A protocol's status query can cost a scan to the
+ * next hole (SEEK_HOLE on tmpfs walks the page cache), so the answer for
+ * a large extent is remembered.  Safe to reuse: a cluster is copied only
+ * once, after being claimed, and a guest write to a still-dirty cluster
+ * first copies it via copy-before-write; data is always read for real, so
+ * an extent wrongly believed to hold data only costs a read. */
+static int cached_status(LamBlockCopy *s, int64_t off, int64_t bytes, int64_t *pnum,
+                         bool *zero)
+{
+    int ret = -1;
+    pthread_mutex_lock(&s->lock);
+    if (s->bsc_end > s->bsc_off && off >= s->bsc_off && off < s->bsc_end) {
+        *pnum = s->bsc_end - off < bytes ? s->bsc_end - off : bytes;
+        *zero = s->bsc_zero;
+        ret = 0;
+    }
+    pthread_mutex_unlock(&s->lock);
+    return ret;
+}
+
+/* Queries the status of the rest of the disk from off (one answer covers
+ * many chunks), fills the cache, and clips the answer to bytes. */
+static int query_status(LamBlockCopy *s, int64_t off, int64_t bytes, int64_t *pnum,
+                        bool *zero)
+{
+    int64_t n = 0, map;
+    int depth = 0;
+    LamNode *file;
+    int st = lam_co_block_status_above(s->source, NULL, off, s->len - off, &n, &map,
+                                       &file, &depth);
+    if (st < 0 || n <= 0) {
+        return -1;
+    }
+    *zero = (st & LAM_BS_ZERO) || (depth == 0 && !(st & LAM_BS_DATA));
+    pthread_mutex_lock(&s->lock);
+    s->bsc_off = off;
+    s->bsc_end = off + n;
+    s->bsc_zero = *zero;
+    pthread_mutex_unlock(&s->lock);
+    *pnum = n < bytes ? n : bytes;
+    return 0;
+}
+
 static void *alloc_buf(LamBlockCopy *s, int64_t bytes)
 {
     void *buf = NULL;
@@ -203,19 +248,20 @@ static int do_copy(LamBlockCopy *s, int64_t off, int64_t bytes, void *buf, bool 
     int64_t end = off + bytes;
     while (off < end && ret == 0) {
         int64_t pnum = end - off;
-        int depth = 0;
         bool zero = false;
         /* A compressed write is exactly one cluster: no zero splitting,
          * one request per cluster. */
         if (s->write_flags & LAM_REQ_WRITE_COMPRESSED) {
             pnum = s->cluster_size < end - off ? s->cluster_size : end - off;
         } else {
-            int st = lam_co_block_status_above(s->source, NULL, off, end - off, &pnum,
-                                               NULL, NULL, &depth);
+            int st = cached_status(s, off, end - off, &pnum, &zero);
+            if (st < 0) {
+                st = query_status(s, off, end - off, &pnum, &zero);
+            }
             if (st < 0 || pnum <= 0) {
                 pnum = end - off; /* unknown: copy as data */
+                zero = false;
             } else {
-                zero = (st & LAM_BS_ZERO) || (depth == 0 && !(st & LAM_BS_DATA));
                 /* Keep pieces cluster aligned unless the range ends at EOF. */
                 if (pnum < end - off) {
                     int64_t aligned = pnum / s->cluster_size * s->cluster_size;
