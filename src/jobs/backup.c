@@ -94,6 +94,8 @@ static void backup_clean(LamJob *job)
     lam_root_detach(b->job_root_target);
     b->job_root_filter = b->job_root_target = NULL;
     LamError *err = NULL;
+    LamChild *fc = lam_cbw_source(b->filter);
+    lam_child_set_perm(fc, fc->perm, LAM_PERM_ALL, NULL); /* widening never fails */
     if (lam_node_replace(b->filter, b->source, &err) < 0) {
         lam_warn("backup job '%s': could not remove the filter: %s",
                  job->id ? job->id : "", err->msg);
@@ -243,6 +245,16 @@ LamJob *lam_backup_start(LamNode *source, LamNode *target, const LamBackupParams
     lam_block_copy_set_progress(b->bcs, backup_progress, &b->common);
     lam_job_progress_set_remaining(&b->common, lam_block_copy_dirty_bytes(b->bcs));
     if (lam_node_replace(source, b->filter, &err) < 0) {
+        goto fail;
+    }
+    /* While the filter has parents nobody else may write or resize the
+     * source (QEMU's copy-before-write permissions): a writer that
+     * bypassed the filter would break the point-in-time view. */
+    LamChild *fc = lam_cbw_source(b->filter);
+    if (lam_child_set_perm(fc, fc->perm,
+                           fc->shared & ~(uint64_t)(LAM_PERM_WRITE | LAM_PERM_RESIZE),
+                           &err) < 0) {
+        lam_node_replace(b->filter, source, NULL);
         goto fail;
     }
     char user[300];

@@ -113,3 +113,32 @@ def test_backup_survives_daemon_stop(flavor, tmp_path):
     q.cmd("blockdev-backup", job_id="b", device="src", target="tgt", sync="full", speed=1 << 20)
     rc = d.stop()
     assert rc == 0, d.output()
+
+
+@pytest.mark.parametrize("flavor", FLAVORS)
+def test_writer_added_after_start_is_refused(flavor, tmp_path):
+    """Writers must go through the filter: a writable export added on the
+    source after the job started conflicts with the filter's permissions."""
+    src = str(tmp_path / "src.raw")
+    tgt = str(tmp_path / "tgt.raw")
+    make_file(src, SIZE, pattern)
+    make_file(tgt, SIZE)
+    d = start(flavor, tmp_path)
+    q = d.qmp
+    q.cmd("nbd-server-start", addr={"type": "unix", "data": {"path": str(tmp_path / "s")}})
+    add_file(q, "src", src)
+    add_file(q, "tgt", tgt)
+    q.cmd("blockdev-backup", job_id="b", device="src", target="tgt", sync="none",
+          filter_node_name="cbw")
+    from jobs_util import qmp_error
+    cls, desc = qmp_error(q, "block-export-add", type="nbd", id="w", node_name="src",
+                          writable=True)
+    assert desc == ("Permission conflict on node 'src': permissions 'write' are both "
+                    "required by an unnamed block device (uses node 'src' as 'root' child) "
+                    "and unshared by node 'cbw' (uses node 'src' as 'file' child).")
+    q.cmd("block-export-add", type="nbd", id="r", node_name="src")  # readers are fine
+    q.cmd("block-export-del", id="r")
+    q.cmd("job-cancel", id="b")
+    job_events(q, "b")
+    q.cmd("block-export-add", type="nbd", id="w", node_name="src", writable=True)
+    d.stop()

@@ -176,3 +176,21 @@ def test_target_error_policies(env, policy, err, stops):
             assert seq[-5:] == ["ERROR", "aborting", "COMPLETED", "concluded", "null"]
         else:
             assert "ERROR" in seq and seq[-4:] == ["pending", "COMPLETED", "concluded", "null"]
+
+
+def test_nodes_busy_during_backup(env):
+    d, _, _ = env
+    q = d.qmp
+    q.cmd("blockdev-backup", job_id="j5", device="src", target="tgt", sync="none",
+          filter_node_name="flt")
+    cls, desc = qmp_error(q, "blockdev-del", node_name="tgt")
+    assert desc == "Node 'tgt' is busy: block device is in use by block job: backup"
+    cls, desc = qmp_error(q, "blockdev-del", node_name="src")
+    assert cls == "GenericError"
+    names = [n["node-name"] for n in q.cmd("query-named-block-nodes")]
+    assert "flt" in names
+    q.cmd("job-cancel", id="j5")
+    job_events(q, "j5")
+    assert "flt" not in [n["node-name"] for n in q.cmd("query-named-block-nodes")]
+    q.cmd("blockdev-del", node_name="tgt")
+    q.cmd("blockdev-del", node_name="src")

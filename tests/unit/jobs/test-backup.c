@@ -314,6 +314,15 @@ static void test_sync_none_cancel(void)
     p.filter_node_name = "fl3";
     LamJob *job = lam_backup_start(a, b, &p, NULL);
     ok(job && lam_node_find("fl3") == guest->node, "sync=none with named filter");
+    LamError *perr = NULL;
+    LamChild *late = lam_root_attach(a, NULL, LAM_PERM_WRITE, LAM_PERM_ALL, &perr);
+    ok(!late && perr && strstr(perr->msg, "Permission conflict on node 'a3': permissions "
+                                          "'write' are both required by an unnamed block "
+                                          "device (uses node 'a3' as 'root' child) and "
+                                          "unshared by node 'fl3' (uses node 'a3' as 'file' "
+                                          "child)."),
+       "a new writer on the source is refused while the filter is in place");
+    lam_error_free(perr);
     uint8_t buf[65536];
     memset(buf, 0x55, sizeof(buf));
     lam_co_pwrite(guest, 65536 * 3, 65536, buf, 0);
