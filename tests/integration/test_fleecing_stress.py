@@ -120,7 +120,8 @@ def classic(flavor, tmp_path, env=None, slow_backing=False):
         # Widens the window between "cluster unallocated" and the backing
         # read (laminad's blkdebug x-read-delay-us).
         q.cmd("blockdev-add", args={"driver": "blkdebug", "node-name": "slow",
-                                    "image": "src", "x-read-delay-us": 300})
+                                    "image": "src", "x-read-delay-us": 300,
+                                    "read-only": True})
         backing = "slow"
     q.cmd("blockdev-add", args={"driver": "qcow2", "node-name": "tmp",
                                 "file": {"driver": "file", "filename": tmp},
