@@ -642,6 +642,14 @@ static void test_blkdebug_policies(void)
     lam_error_free(err);
 }
 
+/* Calls a QMP argument handler and releases the arguments. */
+static int qmp_call(int (*fn)(json_t *, LamError **), json_t *args, LamError **errp)
+{
+    int r = fn(args, errp);
+    json_decref(args);
+    return r;
+}
+
 static bool qmp_err(int (*fn)(json_t *, LamError **), json_t *args, const char *want)
 {
     LamError *err = NULL;
@@ -688,7 +696,7 @@ static void test_qmp_args(void)
 
     /* A running job makes its id busy. */
     LamError *err = NULL;
-    int r = lam_qmp_blockdev_backup(json_pack("{s:s, s:s, s:s, s:s, s:s, s:I}", "job-id", "q",
+    int r = qmp_call(lam_qmp_blockdev_backup, json_pack("{s:s, s:s, s:s, s:s, s:s, s:I}", "job-id", "q",
                                               "device", "a7", "target", "b7", "sync", "full",
                                               "on-target-error", "stop", "speed", (json_int_t)1024),
                                     &err);
@@ -709,7 +717,7 @@ static void test_qmp_args(void)
     /* drive-backup creates a raw target and copies. */
     char path[512];
     snprintf(path, sizeof(path), "%s/d7.raw", tmpdir);
-    r = lam_qmp_drive_backup(json_pack("{s:s, s:s, s:s, s:s, s:s}", "job-id", "d", "device",
+    r = qmp_call(lam_qmp_drive_backup, json_pack("{s:s, s:s, s:s, s:s, s:s}", "job-id", "d", "device",
                                        "a7", "target", path, "format", "raw", "sync", "full"),
                              &err);
     ok(r == 0, "drive-backup started %s", err ? err->msg : "");
@@ -731,7 +739,7 @@ static void test_qmp_args(void)
 
     /* blockdev-create: concludes, waits for dismiss. */
     snprintf(path, sizeof(path), "%s/created.img", tmpdir);
-    r = lam_qmp_blockdev_create(json_pack("{s:s, s:{s:s, s:s, s:I}}", "job-id", "cr",
+    r = qmp_call(lam_qmp_blockdev_create, json_pack("{s:s, s:{s:s, s:s, s:I}}", "job-id", "cr",
                                           "options", "driver", "file", "filename", path, "size",
                                           (json_int_t)(1 << 20)),
                                 &err);
@@ -742,7 +750,7 @@ static void test_qmp_args(void)
     ok(stat(path, &st) == 0 && st.st_size == 1 << 20, "blockdev-create made the file");
     lam_job_dismiss(job, NULL);
     ok(ev_is("created running waiting pending concluded null "), "blockdev-create events");
-    r = lam_qmp_blockdev_create(json_pack("{s:s, s:{s:s, s:s, s:I}}", "job-id", "cr2",
+    r = qmp_call(lam_qmp_blockdev_create, json_pack("{s:s, s:{s:s, s:s, s:I}}", "job-id", "cr2",
                                           "options", "driver", "nope", "filename", path, "size",
                                           (json_int_t)(1 << 20)),
                                 &err);
