@@ -405,8 +405,10 @@ LamChild *lam_open_child(LamNode *parent, json_t *opts, const char *name,
     if (json_is_string(v)) {
         LamNode *child = lam_node_find(json_string_value(v));
         if (!child) {
-            lam_error_setg(errp, "Cannot find device='' nor node-name='%s'",
-                           json_string_value(v));
+            /* QEMU looks a child reference up as both device and node
+             * name, and says so (checked against qemu-storage-daemon). */
+            lam_error_setg(errp, "Cannot find device='%s' nor node-name='%s'",
+                           json_string_value(v), json_string_value(v));
             return NULL;
         }
         if (!backing && !parent->read_only && child->read_only) {

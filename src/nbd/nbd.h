@@ -24,6 +24,12 @@ int lam_nbd_server_start_str(const char *spec, LamError **errp);
 /* Removes every export (BLOCK_EXPORT_DELETED each), closes the listener. */
 int lam_nbd_server_stop(LamError **errp);
 bool lam_nbd_server_running(void);
+/* The address actually bound ("127.0.0.1:40123", "unix:/x.sock"), useful
+ * after asking for port 0; NULL when not running. */
+const char *lam_nbd_server_address(void);
+/* Clients that have not finished the handshake after this long are
+ * dropped (default 10 s; also LAMINA_NBD_HANDSHAKE_TIMEOUT_MS at start). */
+void lam_nbd_set_handshake_timeout(unsigned ms);
 
 typedef struct LamNbdExportOpts {
     const char *id;          /* block-export-add "id" */

@@ -1,0 +1,166 @@
+/* NBD server internals shared by server.c (listeners, connections),
+ * export.c (export registry), handshake.c (option haggling), conn.c
+ * (transmission phase) and sockio.c (socket helpers).
+ *
+ * THREADS
+ *   control thread: lam_nbd_* API (graph changes: root attach/detach)
+ *   accept threads: one per listening socket; create connections
+ *   connection threads: one per client: handshake, then reads requests
+ *   pool workers: execute requests and send their replies
+ *
+ * LOCK ORDER (outer to inner): nbd_srv.lock -> conn->lock -> conn->send_lock.
+ * No lock is held across block-layer I/O.
+ */
+#ifndef LAMINA_NBD_INT_H
+#define LAMINA_NBD_INT_H
+
+#include <pthread.h>
+#include <stdbool.h>
+#include <stddef.h>
+#include <stdint.h>
+#include <sys/uio.h>
+
+#include "lamina/block.h"
+#include "lamina/threadpool.h"
+#include "nbd/nbd.h"
+
+typedef struct NbdExport {
+    char *id;
+    char *name;
+    char *description; /* NULL: none */
+    LamNode *node;     /* reference held by the export */
+    LamChild *root;    /* "an unnamed block device" */
+    bool writable;
+    bool writethrough;
+    bool allocation_depth;
+    int64_t size;      /* fixed while exported: resize is not shared */
+    uint32_t pref_block;
+    int nconns;        /* connections in transmission on it (nbd_srv.lock) */
+    bool shutting_down; /* being deleted: no new connections (nbd_srv.lock) */
+    struct NbdExport *next;
+} NbdExport;
+
+typedef struct NbdConn NbdConn;
+
+/* One in-flight request.  Slots are preallocated per connection and keep
+ * their buffer between requests, so the steady state does not malloc. */
+typedef struct NbdReq {
+    LamTask task;
+    NbdConn *conn;
+    uint16_t flags;
+    uint16_t type;
+    uint64_t cookie;
+    uint64_t offset;
+    uint32_t len;
+    uint32_t charge;   /* bytes counted against the connection budget */
+    uint8_t *buf;
+    size_t bufcap;
+    struct NbdReq *next_free;
+} NbdReq;
+
+#define NBD_CONN_SLOTS 32
+/* Payload bytes buffered for in-flight requests of one connection. */
+#define NBD_CONN_BUDGET (64u * 1024 * 1024)
+/* Slot buffers larger than this are freed after use. */
+#define NBD_SLOT_KEEP (1024u * 1024)
+#define NBD_RBUF_SIZE (64u * 1024)
+
+struct NbdConn {
+    int fd;
+    char peer[80];
+    NbdExport *exp;      /* set by GO/EXPORT_NAME; counted in exp->nconns */
+    uint32_t max_conns;  /* server setting at accept time */
+
+    /* Negotiated state (connection thread only until transmission). */
+    bool no_zeroes;
+    bool structured;
+    bool meta_base;      /* base:allocation selected */
+    bool meta_depth;     /* qemu:allocation-depth selected */
+    char *meta_export;   /* export name SET_META_CONTEXT referred to */
+    uint16_t tflags;
+
+    /* Buffered receive (connection thread only). */
+    uint8_t *rbuf;
+    size_t rpos, rlen;
+    int64_t deadline_ms; /* handshake deadline (monotonic); 0 = none */
+
+    /* send_lock serialises whole replies (all chunks of one reply) on fd
+     * and protects send_failed. */
+    pthread_mutex_t send_lock;
+    bool send_failed;
+
+    /* lock protects free_slots, in_flight, inflight_bytes; cond is
+     * broadcast when a request finishes. */
+    pthread_mutex_t lock;
+    pthread_cond_t cond;
+    NbdReq slots[NBD_CONN_SLOTS];
+    NbdReq *free_slots;
+    int in_flight;
+    uint64_t inflight_bytes;
+
+    /* nbd_srv.lock protects these. */
+    bool kicked;         /* socket shut down by the server */
+    struct NbdConn *next;
+};
+
+typedef struct NbdListener {
+    int fd;
+    pthread_t thread;
+} NbdListener;
+
+#define NBD_MAX_LISTENERS 8
+
+typedef struct NbdServer {
+    /* lock protects everything in this struct; cond is broadcast when a
+     * connection exits or leaves an export. */
+    pthread_mutex_t lock;
+    pthread_cond_t cond;
+    bool running;
+    bool stopping;
+    uint32_t max_connections;
+    NbdListener listeners[NBD_MAX_LISTENERS];
+    int nlisteners;
+    int wake_pipe[2];
+    char *unix_path;     /* unlinked on stop */
+    char *bound_addr;    /* "host:port" or "unix:path" actually bound */
+    NbdExport *exports;
+    NbdConn *conns;
+    int nconns;
+    LamThreadPool *pool;
+    unsigned handshake_ms;
+} NbdServer;
+
+extern NbdServer nbd_srv;
+
+/* export.c (callers hold nbd_srv.lock where noted) */
+NbdExport *nbd_export_find_name_locked(const char *name);
+/* Attaches conn to the export named name; NULL if missing/shutting down. */
+NbdExport *nbd_export_get(const char *name);
+void nbd_export_put(NbdExport *exp);
+void nbd_export_remove_all(void);
+
+/* server.c */
+int64_t nbd_now_ms(void);
+/* Shuts down the sockets of connections on exp (NULL = all). Locked. */
+void nbd_kick_conns_locked(NbdExport *exp);
+
+/* handshake.c: 0 = enter transmission (conn->exp set), <0 = close. */
+int nbd_handshake(NbdConn *conn);
+uint16_t nbd_transmission_flags(NbdConn *conn, NbdExport *exp);
+
+/* conn.c */
+void nbd_transmission(NbdConn *conn);
+void nbd_conn_init_slots(NbdConn *conn);
+void nbd_conn_free_slots(NbdConn *conn);
+
+/* sockio.c */
+/* Reads exactly len bytes (through conn->rbuf); honours deadline_ms.
+ * 0, or -1 on EOF/error/timeout. */
+int nbd_read(NbdConn *conn, void *buf, size_t len);
+/* Discards len bytes of input. */
+int nbd_skip(NbdConn *conn, size_t len);
+/* Sends all iovecs (caller holds send_lock during transmission). */
+int nbd_sendv(NbdConn *conn, struct iovec *iov, int niov);
+int nbd_send(NbdConn *conn, const void *buf, size_t len);
+
+#endif

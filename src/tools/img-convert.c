@@ -1,0 +1,453 @@
+/* lamina-img convert.
+ *
+ * Several worker threads each take the next chunk (at most IMG_CHUNK, cut
+ * at block-status boundaries of the source), read it, and write it.
+ * Without -W the writes are issued in guest order (a ticket per chunk) so
+ * the target's host layout follows the guest layout; reads still overlap.
+ * With -W writes go out as soon as their data is there.
+ *
+ * What is written: source ranges that read as zero are skipped when the
+ * target starts zeroed (freshly created without backing), else written as
+ * zeroes.  Inside data, runs of zeroes of at least -S bytes are treated the
+ * same way.  With -B, the target gets the backing file and only clusters
+ * whose content differs from the backing file are written. */
+#include <errno.h>
+#include <getopt.h>
+#include <pthread.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "tools/img-common.h"
+#include "tools/img-fmtopts.h"
+
+typedef struct Conv {
+    ImgImage src, dst, base;
+    bool has_base;
+    int64_t size;
+    int64_t base_size;
+    int64_t gran;        /* write granularity: target cluster (or 4k) */
+    int64_t chunk;
+    int64_t sparse;      /* -S in bytes; 0: no zero detection in data */
+    bool compress;
+    bool target_zeroed;  /* target reads as zeroes before we write */
+    bool ordered;        /* no -W */
+
+    /* lock protects everything below; cond signals write_seq changes. */
+    pthread_mutex_t lock;
+    pthread_cond_t cond;
+    int64_t next_off;
+    int64_t st_end;      /* end of the cached source status extent */
+    bool st_zero;        /* that extent reads as zeroes */
+    uint64_t next_seq, write_seq;
+    int err;
+    int64_t done;
+} Conv;
+
+static int64_t min64(int64_t a, int64_t b)
+{
+    return a < b ? a : b;
+}
+
+/* Under c->lock: picks the next chunk.  Returns false when done. */
+static bool next_chunk(Conv *c, int64_t *off, int64_t *len, bool *zero,
+                       uint64_t *seq)
+{
+    if (c->err || c->next_off >= c->size) {
+        return false;
+    }
+    int64_t o = c->next_off;
+    if (o >= c->st_end) {
+        int64_t pnum = 0, map;
+        LamNode *file;
+        int depth = 0;
+        int st = lam_co_block_status_above(c->src.root, NULL, o, c->size - o,
+                                           &pnum, &map, &file, &depth);
+        if (st < 0) {
+            c->err = st;
+            return false;
+        }
+        if (pnum <= 0) {
+            pnum = c->size - o;
+        }
+        c->st_end = o + pnum;
+        c->st_zero = (st & LAM_BS_ZERO) || depth == 0;
+    }
+    int64_t end = min64(c->st_end, o + c->chunk);
+    bool z = c->st_zero;
+    /* Chunks end on granule boundaries so that no two workers write the
+     * same target cluster; a granule spanning two status extents is read
+     * as data. */
+    int64_t aend = (end + c->gran - 1) / c->gran * c->gran;
+    if (aend > c->size) {
+        aend = c->size;
+    }
+    if (aend != end) {
+        if (aend > c->st_end) {
+            z = false;
+        }
+        end = aend;
+    }
+    *off = o;
+    *len = end - o;
+    *zero = z;
+    *seq = c->next_seq++;
+    c->next_off = end;
+    return true;
+}
+
+static int write_zeroes(Conv *c, int64_t off, int64_t len)
+{
+    if (c->target_zeroed || len <= 0) {
+        return 0;
+    }
+    return lam_co_pwrite_zeroes(c->dst.root, off, len, LAM_REQ_MAY_UNMAP);
+}
+
+/* Writes one chunk whose source data is in buf (NULL: reads as zeroes). */
+static int write_chunk(Conv *c, int64_t off, int64_t len, uint8_t *buf,
+                       uint8_t *bbuf)
+{
+    if (!buf && !c->has_base) {
+        return write_zeroes(c, off, len);
+    }
+    int64_t g = c->gran;
+    if (!c->compress && !c->has_base) {
+        g = c->sparse ? c->sparse : len;
+    }
+    /* Walks granules, coalescing runs of the same action into one request. */
+    int64_t run_start = off;
+    int run_kind = -1; /* 0 skip, 1 zero, 2 data */
+    for (int64_t p = off; p <= off + len; p += g) {
+        int kind = -1;
+        int64_t n = 0;
+        if (p < off + len) {
+            n = min64(g, off + len - p);
+            const uint8_t *d = buf ? buf + (p - off) : NULL;
+            bool is_zero = !d || (c->sparse || c->compress || c->has_base
+                                  ? lam_buf_is_zero(d, n) : false);
+            if (c->has_base) {
+                const uint8_t *b = bbuf + (p - off);
+                bool same = d ? memcmp(d, b, n) == 0 : lam_buf_is_zero(b, n);
+                kind = same ? 0 : is_zero ? 1 : 2;
+                if (kind == 1) {
+                    /* Zeroes over a backing file must be written. */
+                    int r = lam_co_pwrite_zeroes(c->dst.root, p, n, 0);
+                    if (r < 0) {
+                        return r;
+                    }
+                    kind = 0;
+                }
+            } else {
+                kind = is_zero ? 1 : 2;
+            }
+            if (c->compress && kind == 2) {
+                int r = lam_co_pwrite(c->dst.root, p, n, d, LAM_REQ_WRITE_COMPRESSED);
+                if (r < 0) {
+                    return r;
+                }
+                kind = 0;
+            }
+        }
+        if (kind != run_kind) {
+            int r = 0;
+            if (run_kind == 1) {
+                r = write_zeroes(c, run_start, p - run_start);
+            } else if (run_kind == 2) {
+                r = lam_co_pwrite(c->dst.root, run_start, p - run_start,
+                                  buf + (run_start - off), 0);
+            }
+            if (r < 0) {
+                return r;
+            }
+            run_start = p;
+            run_kind = kind;
+        }
+        if (p >= off + len) {
+            break;
+        }
+    }
+    return 0;
+}
+
+static int worker(int idx, void *opaque)
+{
+    Conv *c = opaque;
+    uint8_t *buf = img_alloc_buf(c->chunk);
+    uint8_t *bbuf = c->has_base ? img_alloc_buf(c->chunk) : NULL;
+    int ret = 0;
+
+    if (!buf || (c->has_base && !bbuf)) {
+        pthread_mutex_lock(&c->lock);
+        c->err = -ENOMEM;
+        pthread_cond_broadcast(&c->cond);
+        pthread_mutex_unlock(&c->lock);
+        free(buf);
+        free(bbuf);
+        return -ENOMEM;
+    }
+    for (;;) {
+        int64_t off, len;
+        bool zero;
+        uint64_t seq;
+
+        pthread_mutex_lock(&c->lock);
+        bool more = next_chunk(c, &off, &len, &zero, &seq);
+        pthread_mutex_unlock(&c->lock);
+        if (!more) {
+            break;
+        }
+        int r = 0;
+        uint8_t *data = NULL;
+        if (!zero) {
+            r = lam_co_pread(c->src.root, off, len, buf, 0);
+            data = buf;
+        }
+        if (r >= 0 && c->has_base) {
+            memset(bbuf, 0, len);
+            if (off < c->base_size) {
+                r = lam_co_pread(c->base.root, off, min64(len, c->base_size - off),
+                                 bbuf, 0);
+            }
+        }
+        if (c->ordered) {
+            pthread_mutex_lock(&c->lock);
+            while (c->write_seq != seq && !c->err) {
+                pthread_cond_wait(&c->cond, &c->lock);
+            }
+            bool failed = c->err != 0;
+            pthread_mutex_unlock(&c->lock);
+            if (failed) {
+                break;
+            }
+        }
+        if (r >= 0) {
+            r = write_chunk(c, off, len, data, bbuf);
+        }
+        pthread_mutex_lock(&c->lock);
+        if (r < 0 && !c->err) {
+            c->err = r;
+        }
+        c->write_seq++;
+        c->done += len;
+        double pct = c->done * 100.0 / (c->size ? c->size : 1);
+        pthread_cond_broadcast(&c->cond);
+        pthread_mutex_unlock(&c->lock);
+        img_progress_set(pct);
+        if (r < 0) {
+            ret = r;
+            break;
+        }
+    }
+    free(buf);
+    free(bbuf);
+    return ret;
+}
+
+int img_convert(int argc, char **argv)
+{
+    static const struct option longopts[] = {
+        {"help", no_argument, NULL, 'h'},
+        {"force-share", no_argument, NULL, 'U'},
+        {"target-is-zero", no_argument, NULL, 'Z'},
+        {NULL, 0, NULL, 0},
+    };
+    const char *fmt = NULL, *out_fmt = NULL, *base = NULL, *base_fmt = NULL;
+    bool compress = false, progress = false, skip_create = false, wr_oo = false;
+    bool share = false, target_is_zero = false;
+    /* qemu-img convert writes with cache=unsafe unless -t says otherwise:
+     * the target is complete when the command ends, durability is the
+     * caller's business (sync). */
+    bool no_flush = true;
+    int64_t sparse = 4096;
+    int threads = 8, c, ret = 1;
+    json_t *o = json_object();
+    Conv cv;
+
+    memset(&cv, 0, sizeof(cv));
+    optind = 1;
+    while ((c = getopt_long(argc, argv, "f:O:B:F:co:S:m:pqnWt:T:Uh", longopts,
+                            NULL)) != -1) {
+        switch (c) {
+        case 'f': fmt = optarg; break;
+        case 'O': out_fmt = optarg; break;
+        case 'B': base = optarg; break;
+        case 'F': base_fmt = optarg; break;
+        case 'c': compress = true; break;
+        case 'p': progress = true; break;
+        case 'q': img_quiet = true; break;
+        case 'n': skip_create = true; break;
+        case 'W': wr_oo = true; break;
+        case 'U': share = true; break;
+        case 'Z': target_is_zero = true; break;
+        case 't':
+            no_flush = !strcmp(optarg, "unsafe");
+            break;
+        case 'T': break; /* source cache mode: accepted */
+        case 'o':
+            if (img_parse_o(o, optarg) < 0) {
+                goto out_opts;
+            }
+            break;
+        case 'S':
+            if (img_parse_size(optarg, &sparse) < 0 || sparse % 512 ||
+                sparse > IMG_CHUNK) {
+                img_error("Invalid buffer size for sparse output specified. "
+                          "Valid sizes are multiples of 512 up to 2048k.");
+                goto out_opts;
+            }
+            break;
+        case 'm': {
+            char *end;
+            long m = strtol(optarg, &end, 10);
+            if (*end || m < 1 || m > IMG_MAX_THREADS) {
+                img_error("Invalid number of coroutines. Allowed number of "
+                          "coroutines is between 1 and %d", IMG_MAX_THREADS);
+                goto out_opts;
+            }
+            threads = (int)m;
+            break;
+        }
+        case 'h':
+            printf("usage: lamina-img convert [-c] [-p] [-q] [-n] [-W] [-f fmt] "
+                   "[-O output_fmt] [-B backing_file [-F backing_fmt]] "
+                   "[-o options] [-S sparse_size] [-m num] filename "
+                   "output_filename\n");
+            ret = 0;
+            goto out_opts;
+        default:
+            goto out_opts;
+        }
+    }
+    if (!out_fmt) {
+        out_fmt = "raw";
+    }
+    if (json_object_get(o, "help")) {
+        img_fmt_print_help(out_fmt);
+        ret = 0;
+        goto out_opts;
+    }
+    if (argc - optind < 2) {
+        img_error("Expecting image file name");
+        goto out_opts;
+    }
+    if (argc - optind > 2) {
+        img_error("Converting several source images into one is not supported");
+        goto out_opts;
+    }
+    if (base && !base_fmt && !skip_create) {
+        img_error("Use of backing file requires explicit backing format");
+        goto out_opts;
+    }
+    if (base && skip_create) {
+        img_error("-B makes no sense when skipping image creation (-n)");
+        goto out_opts;
+    }
+    if (compress && strcmp(out_fmt, "qcow2") && !skip_create) {
+        img_error("Compression not supported for this file format");
+        goto out_opts;
+    }
+    if (img_quiet) {
+        progress = false;
+    }
+    const char *src_name = argv[optind], *dst_name = argv[optind + 1];
+
+    if (img_open(&cv.src, src_name, fmt, share ? IMG_OPEN_SHARE : 0, NULL,
+                 NULL) < 0) {
+        goto out_opts;
+    }
+    cv.size = lam_node_length(cv.src.node);
+    if (cv.size < 0) {
+        img_error("Could not get size of '%s': %s", src_name, strerror((int)-cv.size));
+        goto out_src;
+    }
+    if (!skip_create) {
+        if (base) {
+            json_object_set_new(o, "backing_file", json_string(base));
+            json_object_set_new(o, "backing_fmt", json_string(base_fmt));
+        }
+        if (img_do_create(dst_name, out_fmt, cv.size, o, false, true) < 0) {
+            goto out_src;
+        }
+    }
+    if (img_open(&cv.dst, dst_name, out_fmt, IMG_OPEN_RW |
+                 (no_flush ? IMG_OPEN_NO_FLUSH : 0) |
+                 (base ? 0 : IMG_OPEN_NO_BACKING), NULL, NULL) < 0) {
+        goto out_src;
+    }
+    if (skip_create) {
+        int64_t dl = lam_node_length(cv.dst.node);
+        if (dl >= 0 && dl < cv.size) {
+            img_error("Target image is too small (%lld bytes, need %lld)",
+                      (long long)dl, (long long)cv.size);
+            goto out_dst;
+        }
+    }
+    if (base) {
+        char *full = lam_path_combine(dst_name, base);
+        int r = img_open(&cv.base, full, base_fmt, IMG_OPEN_SHARE, NULL, NULL);
+        free(full);
+        if (r < 0) {
+            goto out_dst;
+        }
+        cv.has_base = true;
+        cv.base_size = lam_node_length(cv.base.node);
+        if (cv.base_size < 0) {
+            cv.base_size = 0;
+        }
+    }
+
+    cv.gran = img_cluster_size(cv.dst.node);
+    if (cv.gran <= 0) {
+        cv.gran = 4096;
+    }
+    if (compress && img_cluster_size(cv.dst.node) <= 0) {
+        img_error("Compression not supported for this file format");
+        goto out_dst;
+    }
+    cv.chunk = IMG_CHUNK;
+    if (cv.gran > cv.chunk) {
+        cv.chunk = cv.gran;
+    }
+    cv.chunk = cv.chunk / cv.gran * cv.gran;
+    cv.sparse = sparse;
+    cv.compress = compress;
+    cv.target_zeroed = (!skip_create || target_is_zero) && !base;
+    cv.ordered = !wr_oo;
+    pthread_mutex_init(&cv.lock, NULL);
+    pthread_cond_init(&cv.cond, NULL);
+
+    img_progress_start(progress);
+    int r = img_run_threads(threads, worker, &cv);
+    if (!r) {
+        r = cv.err;
+    }
+    if (!r) {
+        r = lam_co_flush(cv.dst.root);
+    }
+    if (r < 0) {
+        img_progress_end();
+        img_error("error while writing at byte %lld: %s", (long long)cv.next_off,
+                  strerror(-r));
+    } else {
+        img_progress_set(100.0);
+        img_progress_end();
+        ret = 0;
+    }
+    pthread_mutex_destroy(&cv.lock);
+    pthread_cond_destroy(&cv.cond);
+    if (lam_node_flush_all(cv.dst.node) < 0 && ret == 0) {
+        img_error("Could not flush '%s'", dst_name);
+        ret = 1;
+    }
+out_dst:
+    if (cv.has_base) {
+        img_close(&cv.base);
+    }
+    img_close(&cv.dst);
+out_src:
+    img_close(&cv.src);
+out_opts:
+    json_decref(o);
+    return ret;
+}

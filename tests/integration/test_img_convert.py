@@ -1,0 +1,132 @@
+"""lamina-img convert, verified with qemu-img compare/check/map."""
+import json
+import os
+
+import pytest
+
+from img_util import (assert_qemu_clean, assert_same_content, chain, jqimg, lam,
+                      mixed_qcow2, qimg, qio, raw_with_holes)
+
+
+def data_bytes(path, fmt):
+    m = jqimg("map", "--output=json", "-f", fmt, path)
+    return sum(e["length"] for e in m if e["data"])
+
+
+@pytest.mark.parametrize("flags", [[], ["-W"], ["-m", "1"], ["-W", "-m", "16"]])
+def test_qcow2_to_raw(tmp_path, flags):
+    src = mixed_qcow2(str(tmp_path / "s.qcow2"))
+    dst = str(tmp_path / "d.raw")
+    lam("convert", *flags, "-O", "raw", src, dst)
+    assert_same_content(src, dst, "qcow2", "raw")
+    # Zero and unallocated ranges stay holes.
+    assert data_bytes(dst, "raw") <= data_bytes(src, "qcow2") + (1 << 20)
+
+
+@pytest.mark.parametrize("flags", [[], ["-W"], ["-o", "cluster_size=4k"],
+                                   ["-o", "compat=0.10"], ["-S", "0"]])
+def test_raw_to_qcow2(tmp_path, flags):
+    src = raw_with_holes(str(tmp_path / "s.raw"))
+    dst = str(tmp_path / "d.qcow2")
+    lam("convert", "-f", "raw", "-O", "qcow2", *flags, src, dst)
+    assert_qemu_clean(dst)
+    assert_same_content(src, dst, "raw", "qcow2")
+    if "-S" not in flags:
+        # Only the written data is allocated.
+        assert data_bytes(dst, "qcow2") < (4 << 20)
+
+
+def test_qcow2_to_qcow2_layout_and_map(tmp_path):
+    src = mixed_qcow2(str(tmp_path / "s.qcow2"))
+    a, b = str(tmp_path / "a.qcow2"), str(tmp_path / "b.qcow2")
+    lam("convert", "-O", "qcow2", src, a)
+    qimg("convert", "-O", "qcow2", src, b)
+    assert_qemu_clean(a)
+    assert_same_content(a, b)
+    # In-order writes: the same host layout as qemu-img's.
+    assert jqimg("map", "--output=json", a) == jqimg("map", "--output=json", b)
+
+
+def test_chain_flattened(tmp_path):
+    base, mid, top = chain(str(tmp_path))
+    dst = str(tmp_path / "flat.qcow2")
+    lam("convert", "-O", "qcow2", top, dst)
+    assert_qemu_clean(dst)
+    assert_same_content(top, dst)
+    assert "backing-filename" not in jqimg("info", "--output=json", dst)
+
+
+def test_compressed(tmp_path):
+    src = mixed_qcow2(str(tmp_path / "s.qcow2"))
+    dst = str(tmp_path / "c.qcow2")
+    lam("convert", "-c", "-O", "qcow2", src, dst)
+    assert_qemu_clean(dst)
+    assert_same_content(src, dst)
+    p = qimg("check", "--output=json", dst)
+    chk = json.loads(p.stdout)
+    assert chk.get("compressed-clusters", 0) > 0
+
+
+def test_compressed_raw_refused(tmp_path):
+    src = mixed_qcow2(str(tmp_path / "s.qcow2"))
+    p = lam("convert", "-c", "-O", "raw", src, tmp_path / "d.raw", check=False)
+    assert p.returncode == 1
+
+
+def test_backing_B(tmp_path):
+    base, mid, top = chain(str(tmp_path))
+    dst = str(tmp_path / "d.qcow2")
+    lam("convert", "-O", "qcow2", "-B", "base.qcow2", "-F", "qcow2", top, dst)
+    assert_qemu_clean(dst)
+    assert_same_content(top, dst)
+    info = jqimg("info", "--output=json", dst)
+    assert info["backing-filename"] == "base.qcow2"
+    # Only what differs from base was written.
+    m = jqimg("map", "--output=json", dst)
+    own = sum(e["length"] for e in m if e["depth"] == 0 and e["present"])
+    assert 0 < own <= (4 << 20)
+
+
+def test_backing_B_requires_F(tmp_path):
+    base, mid, top = chain(str(tmp_path))
+    p = lam("convert", "-O", "qcow2", "-B", "base.qcow2", top, tmp_path / "d.qcow2",
+            check=False)
+    assert p.returncode == 1
+    assert "Use of backing file requires explicit backing format" in p.stderr
+
+
+def test_skip_create_n(tmp_path):
+    src = mixed_qcow2(str(tmp_path / "s.qcow2"))
+    dst = str(tmp_path / "d.qcow2")
+    qimg("create", "-q", "-f", "qcow2", dst, "64M")
+    # Garbage in the target must be overwritten, zeroes included.
+    qio(dst, "write -P 0xee 0 64M")
+    lam("convert", "-n", "-O", "qcow2", src, dst)
+    assert_qemu_clean(dst)
+    assert_same_content(src, dst)
+
+
+def test_skip_create_raw(tmp_path):
+    src = mixed_qcow2(str(tmp_path / "s.qcow2"))
+    dst = str(tmp_path / "d.raw")
+    with open(dst, "wb") as f:
+        f.write(b"\xab" * (64 << 20))
+    lam("convert", "-n", "-W", "-O", "raw", src, dst)
+    assert_same_content(src, dst, "qcow2", "raw")
+
+
+def test_progress(tmp_path):
+    src = mixed_qcow2(str(tmp_path / "s.qcow2"))
+    p = lam("convert", "-p", "-O", "raw", src, tmp_path / "d.raw", text=False)
+    assert p.stdout.startswith(b"    (0.00/100%)\r")
+    assert p.stdout.endswith(b"    (100.00/100%)\r\n")
+
+
+def test_errors(tmp_path):
+    p = lam("convert", "-O", "raw", tmp_path / "nope", tmp_path / "d.raw", check=False)
+    assert p.returncode == 1
+    assert "Could not open" in p.stderr
+    src = mixed_qcow2(str(tmp_path / "s.qcow2"))
+    p = lam("convert", "-O", "foo", src, tmp_path / "d", check=False)
+    assert p.returncode == 1
+    assert "Unknown file format 'foo'" in p.stderr
