@@ -152,7 +152,11 @@ static int parse_rules(BlkdebugState *s, json_t *list, bool set_state, LamError 
                     lam_error_setg(&err, "Parameter 'iotype' does not accept value '%s'", io);
                 }
             }
-            r->err = (int)lam_opt_int(o, "errno", EIO, &err);
+            int64_t e = lam_opt_int(o, "errno", EIO, &err);
+            if (!err && (e <= 0 || e >= 4096)) {
+                lam_error_setg(&err, "Invalid errno %lld", (long long)e);
+            }
+            r->err = (int)e;
             r->sector = lam_opt_int(o, "sector", -1, &err);
             r->once = lam_opt_bool(o, "once", false, &err);
             r->immediately = lam_opt_bool(o, "immediately", false, &err);
