@@ -237,8 +237,8 @@ static int blkdebug_do_open(LamNode *bs, json_t *opts, LamError **errp)
     int64_t max_transfer = lam_opt_int(opts, "max-transfer", 0, &err);
     int64_t max_wz = lam_opt_int(opts, "max-write-zero", 0, &err);
     s->read_delay_us = lam_opt_int(opts, "x-read-delay-us", 0, &err);
-    if (!err && (s->read_delay_us < 0 || s->read_delay_us > 1000000)) {
-        lam_error_setg(&err, "x-read-delay-us must be between 0 and 1000000");
+    if (!err && (s->read_delay_us < 0 || s->read_delay_us > 10000000)) {
+        lam_error_setg(&err, "x-read-delay-us must be between 0 and 10000000");
     }
     if (err) {
         lam_error_propagate(errp, err);

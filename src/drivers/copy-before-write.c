@@ -14,6 +14,7 @@
 #include <errno.h>
 #include <stdlib.h>
 #include <string.h>
+#include <time.h>
 
 #include "jobs/cbw.h"
 #include "lamina/driver.h"
@@ -26,8 +27,26 @@ typedef struct CbwState {
     LamBlockCopy *bcs;
     bool break_snapshot;       /* on-cbw-error=break-snapshot */
     _Atomic bool snapshot_broken;
-    uint32_t cbw_timeout;      /* seconds; parsed, see docs/jobs.md */
+    uint32_t cbw_timeout;      /* seconds; 0: no limit */
+    /* Copies still running after their guest write timed out.  helpers_lock
+     * protects nhelpers; close() waits on helpers_cond until it is 0. */
+    pthread_mutex_t helpers_lock;
+    pthread_cond_t helpers_cond;
+    int nhelpers;
 } CbwState;
+
+/* A copy-before-write run in a helper thread so that the guest write can
+ * stop waiting after cbw-timeout.  lock protects done/ret/refs; the last
+ * of the two users (guest thread, helper) frees it. */
+typedef struct CbwCall {
+    CbwState *s;
+    int64_t off, bytes;
+    pthread_mutex_t lock;
+    pthread_cond_t cond;
+    bool done;
+    int ret;
+    int refs;
+} CbwCall;
 
 static const char *const cbw_options[] = {
     "file", "target", "bitmap", "on-cbw-error", "cbw-timeout", "min-cluster-size", NULL,
@@ -102,6 +121,8 @@ static int cbw_open(LamNode *bs, json_t *opts, int flags, LamError **errp)
         return -EINVAL;
     }
     s->cbw_timeout = (uint32_t)timeout;
+    pthread_mutex_init(&s->helpers_lock, NULL);
+    pthread_cond_init(&s->helpers_cond, NULL);
     if (min_cluster < 0 || (min_cluster & (min_cluster - 1))) {
         lam_error_setg(errp, "min-cluster-size must be a power of 2");
         return -EINVAL;
@@ -145,6 +166,14 @@ static int cbw_open(LamNode *bs, json_t *opts, int flags, LamError **errp)
 static void cbw_close(LamNode *bs)
 {
     CbwState *s = bs->opaque;
+    /* Timed-out copies still use the engine and the children. */
+    pthread_mutex_lock(&s->helpers_lock);
+    while (s->nhelpers > 0) {
+        pthread_cond_wait(&s->helpers_cond, &s->helpers_lock);
+    }
+    pthread_mutex_unlock(&s->helpers_lock);
+    pthread_mutex_destroy(&s->helpers_lock);
+    pthread_cond_destroy(&s->helpers_cond);
     lam_block_copy_free(s->bcs);
     s->bcs = NULL;
 }
@@ -164,12 +193,95 @@ static void cbw_refresh_limits(LamNode *bs)
 /* Copies the old data of the range to the target.  On failure either the
  * guest write fails (break-guest-write) or the snapshot is given up
  * (break-snapshot) and the write goes on. */
+static void call_put(CbwCall *c)
+{
+    pthread_mutex_lock(&c->lock);
+    bool last = --c->refs == 0;
+    pthread_mutex_unlock(&c->lock);
+    if (last) {
+        pthread_mutex_destroy(&c->lock);
+        pthread_cond_destroy(&c->cond);
+        free(c);
+    }
+}
+
+static void *cbw_helper(void *opaque)
+{
+    CbwCall *c = opaque;
+    CbwState *s = c->s;
+    int ret = lam_block_copy_cbw(s->bcs, c->off, c->bytes);
+    pthread_mutex_lock(&c->lock);
+    c->ret = ret;
+    c->done = true;
+    pthread_cond_signal(&c->cond);
+    pthread_mutex_unlock(&c->lock);
+    call_put(c);
+    pthread_mutex_lock(&s->helpers_lock);
+    if (--s->nhelpers == 0) {
+        pthread_cond_broadcast(&s->helpers_cond);
+    }
+    pthread_mutex_unlock(&s->helpers_lock);
+    return NULL;
+}
+
+/* The copy with a time limit: -ETIMEDOUT if it takes longer than
+ * cbw-timeout; it then goes on in the background (its clusters count as
+ * copied when it succeeds, as in QEMU). */
+static int cbw_copy_timed(CbwState *s, int64_t off, int64_t bytes)
+{
+    CbwCall *c = calloc(1, sizeof(*c));
+    if (!c) {
+        return -ENOMEM;
+    }
+    c->s = s;
+    c->off = off;
+    c->bytes = bytes;
+    c->refs = 2;
+    pthread_mutex_init(&c->lock, NULL);
+    pthread_condattr_t a;
+    pthread_condattr_init(&a);
+    pthread_condattr_setclock(&a, CLOCK_MONOTONIC);
+    pthread_cond_init(&c->cond, &a);
+    pthread_condattr_destroy(&a);
+    pthread_mutex_lock(&s->helpers_lock);
+    s->nhelpers++;
+    pthread_mutex_unlock(&s->helpers_lock);
+    pthread_t t;
+    pthread_attr_t attr;
+    pthread_attr_init(&attr);
+    pthread_attr_setdetachstate(&attr, PTHREAD_CREATE_DETACHED);
+    if (pthread_create(&t, &attr, cbw_helper, c) != 0) {
+        pthread_attr_destroy(&attr);
+        pthread_mutex_lock(&s->helpers_lock);
+        s->nhelpers--;
+        pthread_mutex_unlock(&s->helpers_lock);
+        c->refs = 1;
+        call_put(c);
+        return lam_block_copy_cbw(s->bcs, off, bytes); /* no thread: no limit */
+    }
+    pthread_attr_destroy(&attr);
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    ts.tv_sec += s->cbw_timeout;
+    pthread_mutex_lock(&c->lock);
+    while (!c->done) {
+        if (pthread_cond_timedwait(&c->cond, &c->lock, &ts) == ETIMEDOUT) {
+            break;
+        }
+    }
+    int ret = c->done ? c->ret : -ETIMEDOUT;
+    pthread_mutex_unlock(&c->lock);
+    call_put(c);
+    return ret;
+}
+
 static int cbw_before_write(CbwState *s, int64_t off, int64_t bytes, int flags)
 {
     if ((flags & LAM_REQ_WRITE_UNCHANGED) || atomic_load(&s->snapshot_broken)) {
         return 0;
     }
-    int ret = lam_block_copy_cbw(s->bcs, off, bytes);
+    int ret = s->cbw_timeout ? cbw_copy_timed(s, off, bytes)
+                             : lam_block_copy_cbw(s->bcs, off, bytes);
     if (ret < 0 && s->break_snapshot) {
         atomic_store(&s->snapshot_broken, true);
         return 0;

@@ -768,6 +768,50 @@ static void test_qmp_args(void)
     lam_node_unref(c);
 }
 
+/* cbw-timeout with both on-cbw-error policies, over a slow source. */
+static void timeout_case(const char *policy)
+{
+    make_file("a9", LEN, true);
+    make_file("t9", LEN, false);
+    LamNode *af = open_file("a9f", "a9");
+    LamNode *a = open_opts(json_pack("{s:s, s:s, s:s, s:i}", "driver", "blkdebug", "node-name",
+                                     "a9", "image", "a9f", "x-read-delay-us", 1500000));
+    LamNode *t = open_file("t9", "t9");
+    LamNode *cbw = open_opts(json_pack("{s:s, s:s, s:s, s:s, s:i, s:s}", "driver",
+                                       "copy-before-write", "node-name", "cbw9", "file", "a9",
+                                       "target", "t9", "cbw-timeout", 1, "on-cbw-error",
+                                       policy));
+    LamNode *acc = open_opts(json_pack("{s:s, s:s, s:s}", "driver", "snapshot-access",
+                                       "node-name", "acc9", "file", "cbw9"));
+    LamChild *guest = lam_root_attach(cbw, "guest", LAM_PERM_CONSISTENT_READ | LAM_PERM_WRITE,
+                                      LAM_PERM_ALL, NULL);
+    LamChild *rd = lam_root_attach(acc, "export", LAM_PERM_CONSISTENT_READ, LAM_PERM_ALL, NULL);
+    uint8_t buf[4096];
+    memset(buf, 0x77, sizeof(buf));
+    int64_t t0 = lam_clock_ns();
+    int r = lam_co_pwrite(guest, 0, 4096, buf, 0);
+    double secs = (lam_clock_ns() - t0) / 1e9;
+    bool snap = !strcmp(policy, "break-snapshot");
+    ok(snap ? r == 0 : r == -ETIMEDOUT, "cbw-timeout %s: guest write returns %d after %.2fs",
+       policy, r, secs);
+    ok(secs > 0.9 && secs < 1.45, "cbw-timeout %s: the write waited about 1 s", policy);
+    r = lam_co_pread(rd, 65536 * 4, 4096, buf, 0);
+    ok(snap ? r == -EACCES : r == 0, "cbw-timeout %s: snapshot read %d", policy, r);
+    lam_root_detach(rd);
+    lam_root_detach(guest);
+    lam_node_unref(acc);
+    lam_node_unref(cbw); /* waits for the copy still running */
+    lam_node_unref(t);
+    lam_node_unref(a);
+    lam_node_unref(af);
+}
+
+static void test_cbw_timeout(void)
+{
+    timeout_case("break-snapshot");
+    timeout_case("break-guest-write");
+}
+
 int main(void)
 {
     setvbuf(stdout, NULL, _IOLBF, 0);
@@ -783,6 +827,7 @@ int main(void)
     test_classic_fleecing();
     test_blkdebug_policies();
     test_qmp_args();
+    test_cbw_timeout();
     char cmd[300];
     snprintf(cmd, sizeof(cmd), "rm -rf %s", tmpdir);
     if (system(cmd) != 0) {
