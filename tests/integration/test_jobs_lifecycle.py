@@ -194,3 +194,36 @@ def test_nodes_busy_during_backup(env):
     assert "flt" not in [n["node-name"] for n in q.cmd("query-named-block-nodes")]
     q.cmd("blockdev-del", node_name="tgt")
     q.cmd("blockdev-del", node_name="src")
+
+
+def test_blockdev_create_qcow2(env, tmp_path):
+    """The iotest recipe: create the file, add it, format it as qcow2."""
+    import json
+    import subprocess
+    d, _, _ = env
+    q = d.qmp
+    path = str(tmp_path / "new.qcow2")
+    q.cmd("blockdev-create", job_id="c1", options={"driver": "file", "filename": path,
+                                                   "size": 0})
+    job_events(q, "c1", until=("concluded",))
+    q.cmd("job-dismiss", id="c1")
+    add_file(q, "newfile", path)
+    q.cmd("blockdev-create", job_id="c2", options={"driver": "qcow2", "file": "newfile",
+                                                   "size": 64 << 20, "cluster-size": 65536})
+    assert job_events(q, "c2", until=("concluded",)) == [
+        "created", "running", "waiting", "pending", "concluded"]
+    q.cmd("job-dismiss", id="c2")
+    q.cmd("blockdev-add", args={"driver": "qcow2", "node-name": "new", "file": "newfile"})
+    q.cmd("blockdev-del", node_name="new")
+    q.cmd("blockdev-del", node_name="newfile")
+    info = json.loads(subprocess.run(["qemu-img", "info", "--output=json", path], check=True,
+                                     capture_output=True, text=True).stdout)
+    assert info["format"] == "qcow2" and info["virtual-size"] == 64 << 20
+    subprocess.run(["qemu-img", "check", "-q", path], check=True)
+    # A failing creation does not fail the command: the job aborts.
+    q.cmd("blockdev-create", job_id="c3", options={"driver": "qcow2", "file": "nope",
+                                                   "size": 1 << 20})
+    assert job_events(q, "c3", until=("concluded",))[-2:] == ["aborting", "concluded"]
+    [j] = q.cmd("query-jobs")
+    assert j["status"] == "concluded" and j["error"]
+    q.cmd("job-dismiss", id="c3")
