@@ -48,8 +48,11 @@ typedef struct CbwCall {
     int refs;
 } CbwCall;
 
+/* x-job-filter (internal, not in the QMP schema): inserted by a backup job,
+ * which sets the permissions itself once the filter has its parents. */
 static const char *const cbw_options[] = {
-    "file", "target", "bitmap", "on-cbw-error", "cbw-timeout", "min-cluster-size", NULL,
+    "file", "target", "bitmap", "on-cbw-error", "cbw-timeout", "min-cluster-size",
+    "x-job-filter", NULL,
 };
 
 extern const LamDriver lam_drv_copy_before_write;
@@ -338,6 +341,18 @@ static int cbw_block_status(LamNode *bs, int64_t off, int64_t bytes, int64_t *pn
     return lam_co_block_status(s->file, off, bytes, pnum, map, file);
 }
 
+static void cbw_child_perm(LamNode *bs, LamChild *c, uint64_t parent_perm,
+                           uint64_t parent_shared, uint64_t *perm, uint64_t *shared)
+{
+    /* A job's filter has no parents yet when its children are attached:
+     * like QEMU, it takes nothing until the job moves the source's users
+     * onto it (another job's filter may be unsharing write right now). */
+    if (json_is_true(json_object_get(bs->options, "x-job-filter"))) {
+        *perm = 0;
+        *shared = LAM_PERM_ALL;
+    }
+}
+
 LamBlockCopy *lam_cbw_block_copy(LamNode *bs)
 {
     if (!bs || bs->drv != &lam_drv_copy_before_write) {
@@ -391,6 +406,7 @@ const LamDriver lam_drv_copy_before_write = {
     .pdiscard = cbw_pdiscard,
     .flush = cbw_flush,
     .block_status = cbw_block_status,
+    .child_perm = cbw_child_perm,
 };
 
 __attribute__((constructor)) static void cbw_register(void)

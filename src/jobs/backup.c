@@ -95,8 +95,12 @@ static void backup_clean(LamJob *job)
     b->job_root_filter = b->job_root_target = NULL;
     LamError *err = NULL;
     LamChild *fc = lam_cbw_source(b->filter);
-    lam_child_set_perm(fc, fc->perm, LAM_PERM_ALL, NULL); /* widening never fails */
-    if (lam_node_replace(b->filter, b->source, &err) < 0) {
+    /* The filter is going away: it takes nothing any more, so its users
+     * can move below it (giving up permissions never conflicts). */
+    lam_child_set_perm(fc, 0, LAM_PERM_ALL, NULL);
+    /* Back onto what the filter sits on: the source, or the filter of a
+     * backup started after ours (filters stack, as in QEMU). */
+    if (lam_node_replace(b->filter, fc->node, &err) < 0) {
         lam_warn("backup job '%s': could not remove the filter: %s",
                  job->id ? job->id : "", err->msg);
         lam_error_free(err);
@@ -138,6 +142,20 @@ static bool chain_contains(LamNode *top, LamNode *needle)
 {
     for (LamNode *n = top; n; n = lam_node_backing_node(n)) {
         if (n == needle) {
+            return true;
+        }
+    }
+    return false;
+}
+
+/* A node a job uses directly has a root edge "<type> job '<id>'". */
+static bool node_busy(LamNode *bs, LamError **errp)
+{
+    for (LamChild *c = lam_node_parents(bs); c; c = c->next_parent) {
+        const char *p = (!c->parent && c->user) ? strstr(c->user, " job '") : NULL;
+        if (p) {
+            lam_error_setg(errp, "Node '%s' is busy: block device is in use by block job: %.*s",
+                           lam_node_name(bs), (int)(p - c->user), c->user);
             return true;
         }
     }
@@ -201,12 +219,8 @@ LamJob *lam_backup_start(LamNode *source, LamNode *target, const LamBackupParams
         lam_error_setg(errp, "Could not create node: Block node is read-only");
         return NULL;
     }
-    for (LamChild *c = lam_node_parents(source); c; c = c->next_parent) {
-        if (c->parent && lam_cbw_block_copy(c->parent) && c->parent->implicit) {
-            lam_error_setg(errp, "Node '%s' is busy: block device is in use by block job: backup",
-                           lam_node_name(source));
-            return NULL;
-        }
+    if (node_busy(source, errp) || node_busy(target, errp)) {
+        return NULL;
     }
 
     BackupJob *b = (BackupJob *)lam_job_create(&backup_driver, p->job_id, p->speed,
@@ -224,8 +238,9 @@ LamJob *lam_backup_start(LamNode *source, LamNode *target, const LamBackupParams
 
     lam_drain_begin();
     relax_fleecing_edge(b);
-    json_t *fopts = json_pack("{s:s, s:s, s:s}", "driver", "copy-before-write", "file",
-                              lam_node_name(source), "target", lam_node_name(target));
+    json_t *fopts = json_pack("{s:s, s:s, s:s, s:b}", "driver", "copy-before-write", "file",
+                              lam_node_name(source), "target", lam_node_name(target),
+                              "x-job-filter", 1);
     if (p->filter_node_name) {
         json_object_set_new(fopts, "node-name", json_string(p->filter_node_name));
     }
@@ -251,9 +266,12 @@ LamJob *lam_backup_start(LamNode *source, LamNode *target, const LamBackupParams
      * source (QEMU's copy-before-write permissions): a writer that
      * bypassed the filter would break the point-in-time view. */
     LamChild *fc = lam_cbw_source(b->filter);
-    if (lam_child_set_perm(fc, fc->perm,
-                           fc->shared & ~(uint64_t)(LAM_PERM_WRITE | LAM_PERM_RESIZE),
-                           &err) < 0) {
+    LamChild *tc = lam_cbw_target(b->filter);
+    if (lam_child_set_perm(fc, LAM_PERM_CONSISTENT_READ | LAM_PERM_WRITE,
+                           LAM_PERM_CONSISTENT_READ | LAM_PERM_WRITE_UNCHANGED, &err) < 0 ||
+        lam_child_set_perm(tc, LAM_PERM_WRITE,
+                           LAM_PERM_ALL & ~(uint64_t)LAM_PERM_RESIZE, &err) < 0) {
+        lam_child_set_perm(fc, 0, LAM_PERM_ALL, NULL);
         lam_node_replace(b->filter, source, NULL);
         goto fail;
     }

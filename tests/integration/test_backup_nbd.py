@@ -142,3 +142,51 @@ def test_writer_added_after_start_is_refused(flavor, tmp_path):
     job_events(q, "b")
     q.cmd("block-export-add", type="nbd", id="w", node_name="src", writable=True)
     d.stop()
+
+
+@pytest.mark.parametrize("flavor", FLAVORS)
+def test_two_backups_of_one_source(flavor, tmp_path):
+    """Filters stack: a second backup of the same source works, both see
+    their own point in time, and both filters go away in any order."""
+    from jobs_util import qmp_error
+    src = str(tmp_path / "src.raw")
+    snap = str(tmp_path / "snap.raw")
+    ta = str(tmp_path / "a.raw")
+    tb = str(tmp_path / "b.raw")
+    make_file(src, SIZE, pattern)
+    shutil.copy(src, snap)
+    make_file(ta, SIZE)
+    make_file(tb, SIZE)
+    d = start(flavor, tmp_path)
+    q = d.qmp
+    sock = str(tmp_path / "nbd.sock")
+    q.cmd("nbd-server-start", addr={"type": "unix", "data": {"path": sock}})
+    add_file(q, "src", src)
+    add_file(q, "ta", ta)
+    add_file(q, "tb", tb)
+    q.cmd("block-export-add", type="nbd", id="e0", node_name="src", writable=True)
+    q.cmd("blockdev-backup", job_id="a", device="src", target="ta", sync="none")
+    q.cmd("blockdev-backup", job_id="b", device="src", target="tb", sync="full",
+          speed=16 << 20)
+    assert qmp_error(q, "blockdev-backup", job_id="c", device="src", target="ta",
+                     sync="full")[1] == \
+        "Node 'ta' is busy: block device is in use by block job: backup"
+    errors = []
+    guest_writes(sock, "src", 300, 5, errors)
+    assert errors == []
+    assert job_events(q, "b", timeout=60)[-3:] == ["COMPLETED", "concluded", "null"]
+    q.cmd("job-cancel", id="a")
+    assert job_events(q, "a")[-3:] == ["CANCELLED", "concluded", "null"]
+    names = sorted(n["node-name"] for n in q.cmd("query-named-block-nodes"))
+    assert names == ["src", "ta", "tb"]
+    guest_writes(sock, "src", 10, 6, errors)  # the export still works
+    q.cmd("block-export-del", id="e0")
+    d.stop()
+    subprocess.run(["qemu-img", "compare", "-q", "-f", "raw", "-F", "raw", snap, tb],
+                   check=True)
+    # a's target has the old data wherever the guest wrote, zeroes elsewhere.
+    with open(snap, "rb") as s_, open(ta, "rb") as a_:
+        s_data, a_data = s_.read(), a_.read()
+    for off in range(0, SIZE, 65536):
+        blk = a_data[off:off + 65536]
+        assert blk == s_data[off:off + 65536] or blk == bytes(65536)

@@ -703,10 +703,17 @@ static void test_qmp_args(void)
     ok(r == 0, "blockdev-backup started %s", err ? err->msg : "");
     make_file("c7", LEN, false);
     LamNode *c = open_file("c7", "c7");
+    make_file("e7", LEN, false);
+    LamNode *e7 = open_file("e7", "e7");
     ok(qmp_err(lam_qmp_blockdev_backup,
-               json_pack("{s:s, s:s, s:s, s:s}", "job-id", "q", "device", "c7", "target", "b7",
+               json_pack("{s:s, s:s, s:s, s:s}", "job-id", "q", "device", "c7", "target", "e7",
                          "sync", "full"),
                "Job ID 'q' already in use"), "duplicate job id");
+    ok(qmp_err(lam_qmp_blockdev_backup,
+               json_pack("{s:s, s:s, s:s, s:s}", "job-id", "q2", "device", "c7", "target", "b7",
+                         "sync", "full"),
+               "Node 'b7' is busy: block device is in use by block job: backup"),
+       "target of a running backup is busy");
     LamJob *job = lam_job_find("q");
     lam_job_ref(job);
     lam_job_set_speed(job, 0, NULL);
@@ -766,6 +773,7 @@ static void test_qmp_args(void)
     lam_node_unref(a);
     lam_node_unref(b);
     lam_node_unref(c);
+    lam_node_unref(e7);
 }
 
 /* cbw-timeout with both on-cbw-error policies, over a slow source. */
