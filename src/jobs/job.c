@@ -203,6 +203,7 @@ static int job_apply_verb(LamJob *job, LamJobVerb verb, LamError **errp)
 /* ---- creation ---- */
 
 static void job_do_dismiss_locked(LamJob *job);
+static void txn_del_locked(LamJob *job);
 
 static bool id_wellformed(const char *id)
 {
@@ -316,6 +317,7 @@ void lam_job_unref(LamJob *job)
 /* Unlinks the job and moves it to null; drops the list's reference. */
 static void job_do_dismiss_locked(LamJob *job)
 {
+    txn_del_locked(job);
     for (LamJob **p = &job_list; *p; p = &(*p)->next) {
         if (*p == job) {
             *p = job->next;
@@ -583,6 +585,139 @@ static void job_conclude_locked(LamJob *job)
     }
 }
 
+struct LamJobTxn {
+    LamJob *jobs;   /* linked through txn_next, in order of addition */
+    int refcnt;
+    bool aborting;
+};
+
+LamJobTxn *lam_job_txn_new(void)
+{
+    LamJobTxn *t = calloc(1, sizeof(*t));
+    if (!t) {
+        abort();
+    }
+    t->refcnt = 1;
+    return t;
+}
+
+void lam_job_txn_add(LamJobTxn *txn, LamJob *job)
+{
+    pthread_mutex_lock(&job_lock);
+    assert(!job->txn && !job->started);
+    job->txn = txn;
+    txn->refcnt++;
+    LamJob **tail = &txn->jobs;
+    while (*tail) {
+        tail = &(*tail)->txn_next;
+    }
+    *tail = job;
+    pthread_mutex_unlock(&job_lock);
+}
+
+static void txn_unref_locked(LamJobTxn *txn)
+{
+    if (--txn->refcnt == 0) {
+        free(txn);
+    }
+}
+
+void lam_job_txn_unref(LamJobTxn *txn)
+{
+    pthread_mutex_lock(&job_lock);
+    txn_unref_locked(txn);
+    pthread_mutex_unlock(&job_lock);
+}
+
+static void txn_del_locked(LamJob *job)
+{
+    LamJobTxn *txn = job->txn;
+    if (!txn) {
+        return;
+    }
+    for (LamJob **pp = &txn->jobs; *pp; pp = &(*pp)->txn_next) {
+        if (*pp == job) {
+            *pp = job->txn_next;
+            break;
+        }
+    }
+    job->txn = NULL;
+    job->txn_next = NULL;
+    txn_unref_locked(txn);
+}
+
+/* The jobs of job's transaction (just job if it has none), each with a
+ * reference; *n set.  The caller unrefs them. */
+static LamJob **txn_snapshot_locked(LamJob *job, int *n)
+{
+    int cnt = 0;
+    if (job->txn) {
+        for (LamJob *j = job->txn->jobs; j; j = j->txn_next) {
+            cnt++;
+        }
+    }
+    LamJob **v = calloc((size_t)cnt + 1, sizeof(*v));
+    if (!v) {
+        abort();
+    }
+    int i = 0;
+    if (job->txn) {
+        for (LamJob *j = job->txn->jobs; j; j = j->txn_next) {
+            v[i++] = j;
+        }
+    } else {
+        v[i++] = job;
+    }
+    for (int k = 0; k < i; k++) {
+        v[k]->refcnt++;
+    }
+    *n = i;
+    return v;
+}
+
+static void snapshot_release_locked(LamJob **v, int n)
+{
+    for (int k = 0; k < n; k++) {
+        if (--v[k]->refcnt == 0) {
+            pthread_mutex_unlock(&job_lock);
+            job_free(v[k]);
+            pthread_mutex_lock(&job_lock);
+        }
+    }
+    free(v);
+}
+
+/* QEMU's job_is_completed: run() is over. */
+static bool job_is_completed_locked(const LamJob *job)
+{
+    switch (job->status) {
+    case LAM_JOB_STATUS_WAITING:
+    case LAM_JOB_STATUS_PENDING:
+    case LAM_JOB_STATUS_ABORTING:
+    case LAM_JOB_STATUS_CONCLUDED:
+    case LAM_JOB_STATUS_NULL:
+        return true;
+    default:
+        return false;
+    }
+}
+
+/* Joins a job thread that has left run() (or is about to). */
+static void job_join_locked(LamJob *j)
+{
+    while (j->thread_started && !j->run_done) {
+        pthread_cond_wait(&job_status_cond, &job_lock);
+    }
+    if (j->thread_started) {
+        pthread_t t = j->thread;
+        j->thread_started = false;
+        pthread_mutex_unlock(&job_lock);
+        pthread_join(t, NULL);
+        pthread_mutex_lock(&job_lock);
+        j->refcnt--; /* the thread's reference */
+    }
+}
+
 static void job_finalize_single_locked(LamJob *job)
 {
     job_update_rc_locked(job);
@@ -603,45 +738,115 @@ static void job_finalize_single_locked(LamJob *job)
             lam_event_emit("BLOCK_JOB_COMPLETED", d);
         }
     }
+    txn_del_locked(job);
     job_conclude_locked(job);
 }
 
+static void job_cancel_async_locked(LamJob *job, bool force);
+
+/* A job of the transaction failed or was cancelled: force-cancel the
+ * others, wait for their threads, then abort and finalize every job,
+ * the failing one first. */
 static void job_completed_abort_locked(LamJob *job)
 {
-    job_update_rc_locked(job);
-    job_finalize_single_locked(job);
+    LamJobTxn *txn = job->txn;
+    if (!txn) {
+        job_update_rc_locked(job);
+        job_finalize_single_locked(job);
+        return;
+    }
+    if (txn->aborting) {
+        return; /* another job of the transaction handles everything */
+    }
+    txn->aborting = true;
+    txn->refcnt++;
+    int n;
+    LamJob **v = txn_snapshot_locked(job, &n);
+    for (int k = 0; k < n; k++) {
+        if (v[k] != job && !job_is_completed_locked(v[k])) {
+            job_cancel_async_locked(v[k], true);
+        }
+    }
+    /* The failing job first, then the others in order. */
+    for (int pass = 0; pass < 2; pass++) {
+        for (int k = 0; k < n; k++) {
+            LamJob *j = v[k];
+            if ((pass == 0) != (j == job) || j->status == LAM_JOB_STATUS_CONCLUDED ||
+                j->status == LAM_JOB_STATUS_NULL) {
+                continue;
+            }
+            j->deferred = true; /* the dispatcher must leave it to us */
+            job_join_locked(j);
+            if (j != job && j->ret == 0 && j->status != LAM_JOB_STATUS_CREATED) {
+                /* A peer that had finished fine is cancelled all the same. */
+                j->cancelled = j->force_cancel = true;
+            }
+            job_update_rc_locked(j);
+            job_finalize_single_locked(j);
+        }
+    }
+    snapshot_release_locked(v, n);
+    txn_unref_locked(txn);
 }
 
 static void job_do_finalize_locked(LamJob *job)
 {
-    if (job->drv->prepare) {
-        pthread_mutex_unlock(&job_lock);
-        int r = job->drv->prepare(job);
-        pthread_mutex_lock(&job_lock);
-        if (r < 0 && job->ret == 0) {
-            job->ret = r;
+    int n;
+    LamJob **v = txn_snapshot_locked(job, &n);
+    LamJob *failed = NULL;
+    for (int k = 0; k < n && !failed; k++) {
+        LamJob *j = v[k];
+        if (j->drv->prepare) {
+            pthread_mutex_unlock(&job_lock);
+            int r = j->drv->prepare(j);
+            pthread_mutex_lock(&job_lock);
+            if (r < 0 && j->ret == 0) {
+                j->ret = r;
+            }
+        }
+        if (j->ret) {
+            failed = j;
         }
     }
-    if (job_update_rc_locked(job)) {
-        job_completed_abort_locked(job);
-        return;
+    if (failed) {
+        job_update_rc_locked(failed);
+        job_completed_abort_locked(failed);
+    } else {
+        for (int k = 0; k < n; k++) {
+            if (v[k]->status == LAM_JOB_STATUS_PENDING) {
+                job_finalize_single_locked(v[k]);
+            }
+        }
     }
-    job_finalize_single_locked(job);
+    snapshot_release_locked(v, n);
 }
 
 static void job_completed_success_locked(LamJob *job)
 {
     job_transition_locked(job, LAM_JOB_STATUS_WAITING);
-    /* Single-job transactions: nobody else to wait for. */
-    job_transition_locked(job, LAM_JOB_STATUS_PENDING);
-    if (!job->auto_finalize) {
-        if (job_emits_block_events(job)) {
-            lam_event_emit("BLOCK_JOB_PENDING",
-                           json_pack("{s:s, s:s}", "type", job->drv->type, "id", job->id));
-        }
-        return;
+    int n;
+    LamJob **v = txn_snapshot_locked(job, &n);
+    bool all_done = true, all_auto = true;
+    for (int k = 0; k < n; k++) {
+        all_done &= job_is_completed_locked(v[k]) &&
+                    v[k]->status != LAM_JOB_STATUS_ABORTING;
+        all_auto &= v[k]->auto_finalize;
     }
-    job_do_finalize_locked(job);
+    if (all_done) {
+        /* Everyone has finished: the transaction moves to pending. */
+        for (int k = 0; k < n; k++) {
+            LamJob *j = v[k];
+            job_transition_locked(j, LAM_JOB_STATUS_PENDING);
+            if (!j->auto_finalize && job_emits_block_events(j)) {
+                lam_event_emit("BLOCK_JOB_PENDING",
+                               json_pack("{s:s, s:s}", "type", j->drv->type, "id", j->id));
+            }
+        }
+        if (all_auto) {
+            job_do_finalize_locked(job);
+        }
+    }
+    snapshot_release_locked(v, n);
 }
 
 static void job_completed_locked(LamJob *job)
@@ -818,7 +1023,8 @@ int lam_job_user_resume(LamJob *job, LamError **errp)
     return r;
 }
 
-static void job_cancel_locked(LamJob *job, bool force)
+/* Records a cancel and wakes the job (QEMU's job_cancel_async). */
+static void job_cancel_async_locked(LamJob *job, bool force)
 {
     if (job->drv->cancel) {
         pthread_mutex_unlock(&job_lock);
@@ -838,6 +1044,14 @@ static void job_cancel_locked(LamJob *job, bool force)
     } else if (force) {
         job->force_cancel = true;
     }
+    if (job->started && !job->run_done) {
+        job_kick_locked(job);
+    }
+}
+
+static void job_cancel_locked(LamJob *job, bool force)
+{
+    job_cancel_async_locked(job, force);
     if (!job->started) {
         /* Never ran: created -> aborting -> concluded -> null, no events. */
         job_completed_locked(job);
@@ -845,8 +1059,6 @@ static void job_cancel_locked(LamJob *job, bool force)
         if (job_is_cancelled_locked(job)) {
             job_completed_abort_locked(job);
         }
-    } else {
-        job_kick_locked(job);
     }
 }
 

@@ -83,6 +83,10 @@ bool lam_job_transition_allowed(LamJobStatus from, LamJobStatus to);
 bool lam_job_verb_allowed(LamJobVerb verb, LamJobStatus s);
 
 typedef struct LamJob LamJob;
+/* A job transaction (QMP transaction with completion-mode grouped): its
+ * jobs wait in `waiting` for each other, become pending and are finalized
+ * together, and a failure or cancel of one force-cancels the others. */
+typedef struct LamJobTxn LamJobTxn;
 
 typedef struct LamJobDriver {
     const char *type;        /* JobType: "backup", "create", ... */
@@ -149,6 +153,9 @@ struct LamJob {
 
     pthread_t thread;
     bool thread_started;
+
+    LamJobTxn *txn;           /* [L] NULL: a transaction of its own */
+    struct LamJob *txn_next;  /* [L] */
 };
 
 /* ---- control thread ---- */
@@ -158,6 +165,11 @@ struct LamJob {
  * "Parameter 'speed' expects a non-negative value". */
 LamJob *lam_job_create(const LamJobDriver *drv, const char *id, int64_t speed,
                        bool auto_finalize, bool auto_dismiss, LamError **errp);
+/* Transactions (control thread).  Add jobs before starting them. */
+LamJobTxn *lam_job_txn_new(void);
+void lam_job_txn_add(LamJobTxn *txn, LamJob *job);
+void lam_job_txn_unref(LamJobTxn *txn);
+
 /* Destroys a job that was never started (creation failed after
  * lam_job_create): created -> null. */
 void lam_job_early_fail(LamJob *job);

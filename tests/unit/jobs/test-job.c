@@ -671,6 +671,125 @@ static void test_ratelimit(void)
     lam_job_unref(&r->common);
 }
 
+/* Grouped transactions: wait for each other, finalize together, a failure
+ * cancels the peers. */
+static void test_transactions(void)
+{
+    /* both succeed */
+    ev_reset();
+    LamJobTxn *txn = lam_job_txn_new();
+    TestJob *a = mk(&test_drv, "ta", true, true);
+    TestJob *b = mk(&test_drv, "tb", true, true);
+    lam_job_txn_add(txn, &a->common);
+    lam_job_txn_add(txn, &b->common);
+    lam_job_txn_unref(txn);
+    lam_job_ref(&a->common);
+    lam_job_ref(&b->common);
+    lam_job_start(&a->common);
+    lam_job_start(&b->common);
+    atomic_store(&a->finish, true);
+    ok(lam_job_wait_status(&a->common, LAM_JOB_STATUS_WAITING, 5000),
+       "txn: first finished job waits for its peer");
+    atomic_store(&b->finish, true);
+    lam_job_run_until_done(&b->common);
+    lam_job_run_until_done(&a->common);
+    ok(a->common.status == LAM_JOB_STATUS_NULL && b->common.status == LAM_JOB_STATUS_NULL,
+       "txn: both concluded");
+    ok(ev_is("created created running running waiting waiting pending pending COMPLETED "
+             "concluded null COMPLETED concluded null "),
+       "txn: waiting, pending together, then completed");
+    lam_job_unref(&a->common);
+    lam_job_unref(&b->common);
+
+    /* one fails: the other is cancelled */
+    ev_reset();
+    txn = lam_job_txn_new();
+    a = mk(&test_drv, "fa", true, true);
+    b = mk(&test_drv, "fb", true, true);
+    lam_job_txn_add(txn, &a->common);
+    lam_job_txn_add(txn, &b->common);
+    lam_job_txn_unref(txn);
+    lam_job_ref(&a->common);
+    lam_job_ref(&b->common);
+    lam_job_start(&a->common);
+    lam_job_start(&b->common);
+    atomic_store(&b->fail_errno, EIO);
+    int rb = lam_job_run_until_done(&b->common);
+    int ra = lam_job_run_until_done(&a->common);
+    ok(rb == -EIO && ra == -ECANCELED, "txn: failure (%d) cancels the peer (%d)", rb, ra);
+    ok(ev_is("created created running running aborting COMPLETED(test failure 5) concluded "
+             "null aborting CANCELLED concluded null "),
+       "txn: failing job first, then the cancelled peer");
+    lam_job_unref(&a->common);
+    lam_job_unref(&b->common);
+
+    /* a peer that already waits is cancelled too */
+    ev_reset();
+    txn = lam_job_txn_new();
+    a = mk(&test_drv, "wa", true, true);
+    b = mk(&test_drv, "wb", true, true);
+    lam_job_txn_add(txn, &a->common);
+    lam_job_txn_add(txn, &b->common);
+    lam_job_txn_unref(txn);
+    lam_job_ref(&a->common);
+    lam_job_ref(&b->common);
+    lam_job_start(&a->common);
+    lam_job_start(&b->common);
+    atomic_store(&a->finish, true);
+    lam_job_wait_status(&a->common, LAM_JOB_STATUS_WAITING, 5000);
+    lam_job_user_cancel(&b->common, true, false, NULL);
+    rb = lam_job_run_until_done(&b->common);
+    ra = lam_job_run_until_done(&a->common);
+    ok(rb == -ECANCELED && ra == -ECANCELED, "txn: cancel of one cancels a waiting peer");
+    ok(ev_is("created created running running waiting aborting CANCELLED concluded null "
+             "aborting CANCELLED concluded null "),
+       "txn: cancel events");
+    lam_job_unref(&a->common);
+    lam_job_unref(&b->common);
+
+    /* manual finalize: pending together; PENDING only from the manual job;
+     * finalizing one finalizes both */
+    ev_reset();
+    txn = lam_job_txn_new();
+    a = mk(&test_drv, "ma", true, true);
+    b = mk(&test_drv, "mb", false, false);
+    lam_job_txn_add(txn, &a->common);
+    lam_job_txn_add(txn, &b->common);
+    lam_job_txn_unref(txn);
+    lam_job_ref(&a->common);
+    lam_job_ref(&b->common);
+    lam_job_start(&a->common);
+    lam_job_start(&b->common);
+    atomic_store(&a->finish, true);
+    atomic_store(&b->finish, true);
+    lam_job_wait_status(&b->common, LAM_JOB_STATUS_PENDING, 5000);
+    lam_job_wait_status(&a->common, LAM_JOB_STATUS_PENDING, 5000);
+    ok(a->common.status == LAM_JOB_STATUS_PENDING, "txn: auto job waits for the manual one");
+    LamError *err = NULL;
+    ok(lam_job_finalize(&a->common, &err) == 0, "txn: finalize through either job");
+    ok(a->common.status == LAM_JOB_STATUS_NULL && b->common.status == LAM_JOB_STATUS_CONCLUDED,
+       "txn: both finalized");
+    lam_job_dismiss(&b->common, NULL);
+    bool seq_ok = ev_is("created created running running waiting waiting pending pending "
+                        "PENDING COMPLETED concluded null COMPLETED concluded null ");
+    ok(seq_ok, "txn: manual finalize events");
+    lam_job_unref(&a->common);
+    lam_job_unref(&b->common);
+
+    /* cancel before start: both go away without block-job events */
+    ev_reset();
+    txn = lam_job_txn_new();
+    a = mk(&test_drv, "ca", true, true);
+    b = mk(&test_drv, "cb", true, true);
+    lam_job_txn_add(txn, &a->common);
+    lam_job_txn_add(txn, &b->common);
+    lam_job_txn_unref(txn);
+    lam_job_user_cancel(&a->common, true, false, NULL);
+    ok(ev_is("created created aborting concluded null aborting concluded null ") &&
+           !lam_job_find("ca") && !lam_job_find("cb"),
+       "txn: cancelling a created job rolls back the transaction");
+}
+
 int main(void)
 {
     setvbuf(stdout, NULL, _IOLBF, 0);
@@ -679,6 +798,7 @@ int main(void)
     test_lifecycles();
     test_pause_cancel_errors();
     test_ratelimit();
+    test_transactions();
     test_verbs_live();
     lam_job_cancel_all_sync();
     printf("1..%d\n", ntest);
