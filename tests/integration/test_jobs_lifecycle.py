@@ -227,3 +227,28 @@ def test_blockdev_create_qcow2(env, tmp_path):
     [j] = q.cmd("query-jobs")
     assert j["status"] == "concluded" and j["error"]
     q.cmd("job-dismiss", id="c3")
+
+
+@pytest.mark.parametrize("policy", ["report", "stop", "ignore"])
+def test_source_error_policies(env, policy):
+    d, _, _ = env
+    q = d.qmp
+    q.cmd("blockdev-add", args={
+        "driver": "blkdebug", "node-name": "sdbg", "image": "src",
+        "inject-error": [{"event": "read_aio", "errno": 5, "once": policy != "report"}]})
+    q.cmd("blockdev-add", args={"driver": "raw", "node-name": "sraw", "file": "sdbg"})
+    q.cmd("blockdev-backup", job_id="s", device="sraw", target="tgt", sync="full",
+          on_source_error=policy, x_perf={"max-workers": 1})
+    ev = q.wait_event("BLOCK_JOB_ERROR")
+    assert ev["data"] == {"device": "s", "operation": "read",
+                          "action": "stop" if policy == "stop" else policy}
+    if policy == "stop":
+        wait_status(q, "s", "paused")
+        [bj] = q.cmd("query-block-jobs")
+        assert bj["io-status"] == "failed"
+        q.cmd("job-resume", id="s")
+    seq = job_events(q, "s")
+    if policy == "report":
+        assert seq[-4:] == ["aborting", "COMPLETED", "concluded", "null"]
+    else:
+        assert seq[-4:] == ["pending", "COMPLETED", "concluded", "null"]
