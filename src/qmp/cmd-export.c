@@ -114,10 +114,32 @@ static bool export_exists(const char *id)
     return found;
 }
 
+/* QEMU's id rule: a letter first, then letters, digits, '-', '.', '_'. */
+static bool id_wellformed(const char *s)
+{
+    if (!((*s >= 'a' && *s <= 'z') || (*s >= 'A' && *s <= 'Z'))) {
+        return false;
+    }
+    for (s++; *s; s++) {
+        if (!((*s >= 'a' && *s <= 'z') || (*s >= 'A' && *s <= 'Z') ||
+              (*s >= '0' && *s <= '9') || *s == '-' || *s == '.' || *s == '_')) {
+            return false;
+        }
+    }
+    return true;
+}
+
+#define NBD_MAX_STRING 4096 /* NBD protocol limit for names and descriptions */
+
+/* The checks QEMU makes before the NBD layer is involved, in its order. */
 static int export_add(json_t *args, LamError **errp)
 {
     const char *id = json_string_value(json_object_get(args, "id"));
     const char *node = json_string_value(json_object_get(args, "node-name"));
+    if (!id_wellformed(id)) {
+        lam_error_setg(errp, "Invalid block export id");
+        return -1;
+    }
     if (export_exists(id)) {
         lam_error_setg(errp, "Block export id '%s' is already in use", id);
         return -1;
@@ -128,20 +150,25 @@ static int export_add(json_t *args, LamError **errp)
         return -1;
     }
     if (json_object_get(args, "iothread")) {
-        lam_error_setg(errp, "Cannot find iothread '%s'",
+        lam_error_setg(errp, "iothread \"%s\" not found",
                        json_string_value(json_object_get(args, "iothread")));
-        return -1;
-    }
-    json_t *bitmaps = json_object_get(args, "bitmaps");
-    if (json_array_size(bitmaps)) {
-        json_t *b = json_array_get(bitmaps, 0);
-        const char *bn = json_is_string(b) ? json_string_value(b)
-                                           : json_string_value(json_object_get(b, "name"));
-        lam_error_setg(errp, "Bitmap '%s' is not found", bn);
         return -1;
     }
     if (!lam_nbd_server_running()) {
         lam_error_setg(errp, "NBD server not running");
+        return -1;
+    }
+    const char *name = json_string_value(json_object_get(args, "name"));
+    const char *desc = json_string_value(json_object_get(args, "description"));
+    if (!name) {
+        name = node;
+    }
+    if (strlen(name) > NBD_MAX_STRING) {
+        lam_error_setg(errp, "export name '%s' too long", name);
+        return -1;
+    }
+    if (desc && strlen(desc) > NBD_MAX_STRING) {
+        lam_error_setg(errp, "description '%s' too long", desc);
         return -1;
     }
     bool writable = json_is_true(json_object_get(args, "writable"));
@@ -149,18 +176,27 @@ static int export_add(json_t *args, LamError **errp)
         lam_error_setg(errp, "Cannot export read-only node as writable");
         return -1;
     }
+    /* No dirty bitmaps exist yet, so any named one is missing. */
+    json_t *bitmaps = json_object_get(args, "bitmaps");
+    if (json_array_size(bitmaps)) {
+        json_t *b = json_array_get(bitmaps, 0);
+        if (json_is_string(b)) {
+            lam_error_setg(errp, "Bitmap '%s' is not found", json_string_value(b));
+        } else {
+            lam_error_setg(errp, "Dirty bitmap '%s' not found",
+                           json_string_value(json_object_get(b, "name")));
+        }
+        return -1;
+    }
     LamNbdExportOpts o = {
         .id = id,
         .node_name = node,
-        .name = json_string_value(json_object_get(args, "name")),
-        .description = json_string_value(json_object_get(args, "description")),
+        .name = name,
+        .description = desc,
         .writable = writable,
         .writethrough = json_is_true(json_object_get(args, "writethrough")),
         .allocation_depth = json_is_true(json_object_get(args, "allocation-depth")),
     };
-    if (!o.name) {
-        o.name = node;
-    }
     return lam_nbd_export_add(&o, errp);
 }
 
@@ -204,12 +240,77 @@ static json_t *cmd_query_block_exports(json_t *args, QmpSession *s, LamError **e
     return lam_nbd_query_exports();
 }
 
+/* ---- deprecated nbd-server-add / nbd-server-remove (still in QEMU 10.1) ---- */
+static const QmpMember server_add_members[] = {
+    {"device", &qmp_t_str},
+    {"name", &qmp_t_str, true},
+    {"description", &qmp_t_str, true},
+    {"writable", &qmp_t_bool, true, "false"},
+    {"bitmap", &qmp_t_str, true},
+    {NULL},
+};
+static const QmpType server_add_args = {QMP_T_OBJECT, "object", server_add_members};
+
+static json_t *cmd_nbd_server_add(json_t *args, QmpSession *s, LamError **errp)
+{
+    const char *dev = json_string_value(json_object_get(args, "device"));
+    LamNode *bs = lam_node_find(dev);
+    if (!bs) {
+        lam_error_setg(errp, "Cannot find device='%s' nor node-name='%s'", dev, dev);
+        return NULL;
+    }
+    if (!lam_nbd_server_running()) {
+        lam_error_setg(errp, "NBD server not running");
+        return NULL;
+    }
+    /* The export id is the export name; a read-only node is exported
+     * read-only rather than refused (legacy behaviour). */
+    json_t *name = json_object_get(args, "name");
+    json_t *opts = json_pack("{s:s, s:O, s:s, s:O, s:b}", "type", "nbd",
+                             "id", name ? name : json_object_get(args, "device"),
+                             "node-name", dev, "name", name ? name : json_object_get(args, "device"),
+                             "writable", json_is_true(json_object_get(args, "writable")) &&
+                                         !lam_node_is_read_only(bs));
+    if (json_object_get(args, "description")) {
+        json_object_set(opts, "description", json_object_get(args, "description"));
+    }
+    if (json_object_get(args, "bitmap")) {
+        json_object_set_new(opts, "bitmaps",
+                            json_pack("[O]", json_object_get(args, "bitmap")));
+    }
+    export_add(opts, errp);
+    json_decref(opts);
+    return NULL;
+}
+
+static const QmpMember server_remove_members[] = {
+    {"name", &qmp_t_str},
+    {"mode", &remove_mode, true, "\"safe\""},
+    {NULL},
+};
+static const QmpType server_remove_args = {QMP_T_OBJECT, "object", server_remove_members};
+
+static json_t *cmd_nbd_server_remove(json_t *args, QmpSession *s, LamError **errp)
+{
+    json_object_set(args, "id", json_object_get(args, "name"));
+    return cmd_block_export_del(args, s, errp);
+}
+
+/* QSD has no BlockBackends with device names: always empty. */
+static json_t *cmd_query_block(json_t *args, QmpSession *s, LamError **errp)
+{
+    return json_array();
+}
+
 static const QmpCommandDef export_cmds[] = {
     {"nbd-server-start", &server_start_args, cmd_nbd_server_start},
     {"nbd-server-stop", NULL, cmd_nbd_server_stop},
+    {"nbd-server-add", &server_add_args, cmd_nbd_server_add},
+    {"nbd-server-remove", &server_remove_args, cmd_nbd_server_remove},
     {"block-export-add", &export_args, cmd_block_export_add},
     {"block-export-del", &export_del_args, cmd_block_export_del},
     {"query-block-exports", NULL, cmd_query_block_exports},
+    {"query-block", NULL, cmd_query_block},
     {NULL},
 };
 

@@ -124,11 +124,13 @@ int img_check(int argc, char **argv)
                    "[-r [leaks | all]] [-U] filename\n");
             return 0;
         default:
+            img_help_hint();
             return 1;
         }
     }
     if (optind != argc - 1) {
         img_error("Expecting one image file name");
+        img_help_hint();
         return 1;
     }
     if (share && mode) {

@@ -155,11 +155,13 @@ int img_commit(int argc, char **argv)
                    "filename\n");
             return 0;
         default:
+            img_help_hint();
             return 1;
         }
     }
     if (optind != argc - 1) {
         img_error("Expecting one image file name");
+        img_help_hint();
         return 1;
     }
     const char *filename = argv[optind];

@@ -38,6 +38,11 @@ void img_error_free(LamError *err, const char *prefix_fmt, ...)
     lam_error_free(err);
 }
 
+void img_help_hint(void)
+{
+    fprintf(stderr, "Try 'lamina-img --help' for more information\n");
+}
+
 void img_printf(const char *fmt, ...)
 {
     va_list ap;

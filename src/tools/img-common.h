@@ -30,6 +30,8 @@ void img_error(const char *fmt, ...) __attribute__((format(printf, 1, 2)));
 /* Prints "lamina-img: <prefix><err->msg>" and frees err. */
 void img_error_free(LamError *err, const char *prefix_fmt, ...)
     __attribute__((format(printf, 2, 3)));
+/* "Try 'lamina-img --help' ..." after a usage error. */
+void img_help_hint(void);
 /* printf to stdout unless quiet. */
 void img_printf(const char *fmt, ...) __attribute__((format(printf, 1, 2)));
 

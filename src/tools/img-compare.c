@@ -120,11 +120,13 @@ int img_compare(int argc, char **argv)
                    "[-U] filename1 filename2\n");
             return 0;
         default:
+            img_help_hint();
             return 2;
         }
     }
     if (optind != argc - 2) {
         img_error("Expecting two image file names");
+        img_help_hint();
         return 2;
     }
     if (img_quiet) {

@@ -24,7 +24,9 @@
 typedef struct Conv {
     ImgImage src, dst, base;
     bool has_base;
-    int64_t size;
+    int64_t size;        /* bytes to write: the target's length when we
+                          * created it (rounded up to 512), else the source's */
+    int64_t src_size;
     int64_t base_size;
     int64_t gran;        /* write granularity: target cluster (or 4k) */
     int64_t chunk;
@@ -57,18 +59,22 @@ static bool next_chunk(Conv *c, int64_t *off, int64_t *len, bool *zero,
         return false;
     }
     int64_t o = c->next_off;
-    if (o >= c->st_end) {
+    if (o >= c->src_size) {
+        /* Tail of a target rounded up past the source: zeroes. */
+        c->st_end = c->size;
+        c->st_zero = true;
+    } else if (o >= c->st_end) {
         int64_t pnum = 0, map;
         LamNode *file;
         int depth = 0;
-        int st = lam_co_block_status_above(c->src.root, NULL, o, c->size - o,
+        int st = lam_co_block_status_above(c->src.root, NULL, o, c->src_size - o,
                                            &pnum, &map, &file, &depth);
         if (st < 0) {
             c->err = st;
             return false;
         }
         if (pnum <= 0) {
-            pnum = c->size - o;
+            pnum = c->src_size - o;
         }
         c->st_end = o + pnum;
         c->st_zero = (st & LAM_BS_ZERO) || depth == 0;
@@ -118,9 +124,10 @@ static int write_chunk(Conv *c, int64_t off, int64_t len, uint8_t *buf,
     /* Walks granules, coalescing runs of the same action into one request. */
     int64_t run_start = off;
     int run_kind = -1; /* 0 skip, 1 zero, 2 data */
-    for (int64_t p = off; p <= off + len; p += g) {
+    /* The last pass (p == off + len) only flushes the pending run. */
+    for (int64_t p = off, n = 0; p <= off + len; p += n) {
         int kind = -1;
-        int64_t n = 0;
+        n = 0;
         if (p < off + len) {
             n = min64(g, off + len - p);
             const uint8_t *d = buf ? buf + (p - off) : NULL;
@@ -200,7 +207,11 @@ static int worker(int idx, void *opaque)
         int r = 0;
         uint8_t *data = NULL;
         if (!zero) {
-            r = lam_co_pread(c->src.root, off, len, buf, 0);
+            int64_t n = min64(len, c->src_size - off);
+            r = lam_co_pread(c->src.root, off, n, buf, 0);
+            if (n < len) {
+                memset(buf + n, 0, len - n);
+            }
             data = buf;
         }
         if (r >= 0 && c->has_base) {
@@ -316,6 +327,7 @@ int img_convert(int argc, char **argv)
             ret = 0;
             goto out_opts;
         default:
+            img_help_hint();
             goto out_opts;
         }
     }
@@ -329,6 +341,7 @@ int img_convert(int argc, char **argv)
     }
     if (argc - optind < 2) {
         img_error("Expecting image file name");
+        img_help_hint();
         goto out_opts;
     }
     if (argc - optind > 2) {
@@ -375,7 +388,13 @@ int img_convert(int argc, char **argv)
                  (base ? 0 : IMG_OPEN_NO_BACKING), NULL, NULL) < 0) {
         goto out_src;
     }
-    if (skip_create) {
+    cv.src_size = cv.size;
+    if (!skip_create) {
+        int64_t dl = lam_node_length(cv.dst.node);
+        if (dl > cv.size) {
+            cv.size = dl;
+        }
+    } else {
         int64_t dl = lam_node_length(cv.dst.node);
         if (dl >= 0 && dl < cv.size) {
             img_error("Target image is too small (%lld bytes, need %lld)",

@@ -90,6 +90,9 @@ int img_do_create(const char *filename, const char *fmt, int64_t size,
         printf("%s\n", line);
         fflush(stdout);
     }
+    /* Like qemu-img: the line shows the size asked for, the image gets it
+     * rounded up to whole 512-byte sectors. */
+    size = (size + 511) / 512 * 512;
     if (lam_create_image(filename, fmt, size, fo, &err) < 0) {
         img_error_free(err, "%s: ", filename);
         goto fail;
@@ -134,6 +137,7 @@ int img_create(int argc, char **argv)
             ret = 0;
             goto out;
         default:
+            img_help_hint();
             goto out;
         }
     }
@@ -144,6 +148,7 @@ int img_create(int argc, char **argv)
     }
     if (optind >= argc) {
         img_error("Expecting image file name");
+        img_help_hint();
         goto out;
     }
     const char *filename = argv[optind++];

@@ -205,11 +205,13 @@ int img_info(int argc, char **argv)
                    "[--backing-chain] [-U] filename\n");
             return 0;
         default:
+            img_help_hint();
             return 1;
         }
     }
     if (optind != argc - 1) {
         img_error("Expecting one image file name");
+        img_help_hint();
         return 1;
     }
 

@@ -104,11 +104,13 @@ int img_map(int argc, char **argv)
                    "[--max-length=len] [--output=ofmt] [-U] filename\n");
             return 0;
         default:
+            img_help_hint();
             return 1;
         }
     }
     if (optind != argc - 1) {
         img_error("Expecting one image file name");
+        img_help_hint();
         return 1;
     }
     ImgImage im;

@@ -56,6 +56,7 @@ int img_measure(int argc, char **argv)
             ret = 0;
             goto out;
         default:
+            img_help_hint();
             goto out;
         }
     }

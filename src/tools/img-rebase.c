@@ -133,11 +133,13 @@ int img_rebase(int argc, char **argv)
                    "-b backing_file [-F backing_fmt] filename\n");
             return 0;
         default:
+            img_help_hint();
             return 1;
         }
     }
     if (optind != argc - 1) {
         img_error("Expecting one image file name");
+        img_help_hint();
         return 1;
     }
     if (!backing) {

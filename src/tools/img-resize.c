@@ -21,6 +21,7 @@ int img_resize(int argc, char **argv)
 
     if (argc < 3) {
         img_error("Expecting image file name and size");
+        img_help_hint();
         return 1;
     }
     /* The size goes last and may start with '-': take it out before option
@@ -46,11 +47,13 @@ int img_resize(int argc, char **argv)
                    "[-q] [--shrink] filename [+ | -]size\n");
             return 0;
         default:
+            img_help_hint();
             return 1;
         }
     }
     if (optind != argc - 1) {
         img_error("Expecting image file name and size");
+        img_help_hint();
         return 1;
     }
     int rel = 0;

@@ -43,7 +43,7 @@ int main(int argc, char **argv)
     lam_progname = "lamina-img";
     if (argc < 2) {
         img_error("Not enough arguments");
-        fprintf(stderr, "Try 'lamina-img --help' for more information\n");
+        img_help_hint();
         return 1;
     }
     const char *cmd = argv[1];
@@ -57,11 +57,15 @@ int main(int argc, char **argv)
     }
     for (size_t i = 0; i < sizeof(cmds) / sizeof(cmds[0]); i++) {
         if (!strcmp(cmd, cmds[i].name)) {
+            /* getopt names argv[0] in its messages: make that the tool. */
+            static char progname[] = "lamina-img";
+            argv[1] = progname;
             int ret = cmds[i].fn(argc - 1, argv + 1);
             fflush(stdout);
             return ret;
         }
     }
     img_error("Command not found: %s", cmd);
+    img_help_hint();
     return 1;
 }

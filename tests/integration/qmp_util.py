@@ -11,7 +11,8 @@ QMPClient
     .greeting             the greeting object the server sent
     .negotiate()          sends qmp_capabilities (Daemon does this for you)
     .cmd(name, args=None, **kw)
-                          runs a command; returns its "return" value or raises
+                          runs a command (name is positional-only, so name=
+                          works as an argument); returns its "return" value or raises
                           QMPError(.cls, .desc, .reply).  Keyword names have
                           '_' turned into '-' (node_name= -> "node-name"); pass
                           args={...} for names that need an underscore.
@@ -107,7 +108,7 @@ class QMPClient:
         return self.recv_reply(timeout)
 
     # ---- commands ----
-    def cmd(self, name, args=None, **kw):
+    def cmd(self, name, /, args=None, **kw):
         a = dict(args or {})
         for k, v in kw.items():
             a[k.replace("_", "-")] = v
@@ -119,6 +120,8 @@ class QMPClient:
             raise EOFError("connection closed during " + name)
         if "error" in r:
             raise QMPError(r)
+        if "return" not in r:
+            raise RuntimeError(f"unexpected reply to {name}: {r}")
         return r["return"]
 
     def negotiate(self):

@@ -10,6 +10,8 @@ from img_util import assert_qemu_clean, jqimg, lam, qimg
     ("raw", None, "10M"),
     ("raw", "preallocation=falloc", "1M"),
     ("raw", None, "1.5M"),
+    ("raw", None, "1000000"),
+    ("qcow2", None, "1000000"),
     ("qcow2", None, "64M"),
     ("qcow2", "cluster_size=4k,compat=0.10,refcount_bits=16", "1G"),
     ("qcow2", "compression_type=zstd,lazy_refcounts=on", "1G"),
@@ -98,3 +100,17 @@ def test_quiet(tmp_path):
     p = lam("create", "-q", "-f", "qcow2", tmp_path / "x.qcow2", "1M")
     assert p.stdout == ""
     assert os.path.exists(tmp_path / "x.qcow2")
+
+
+def test_convert_odd_size(tmp_path):
+    src = tmp_path / "odd.raw"
+    src.write_bytes(os.urandom(1000000))
+    for flags in ([], ["-c"], ["-W", "-m", "3"]):
+        dst = tmp_path / "odd.qcow2"
+        if dst.exists():
+            dst.unlink()
+        lam("convert", *flags, "-f", "raw", "-O", "qcow2", src, dst)
+        assert_qemu_clean(dst)
+        assert jqimg("info", "--output=json", dst)["virtual-size"] == 1000448
+        p = qimg("compare", "-f", "raw", src, dst, check=False)
+        assert p.returncode == 0, p.stdout

@@ -78,3 +78,17 @@ def test_bad_output_option(tmp_path):
     f = raw_with_holes(str(tmp_path / "r.raw"))
     p = lam("info", "--output=xml", f, check=False)
     assert p.returncode == 1
+
+
+def test_dirty_lazy_refcounts(tmp_path):
+    f = str(tmp_path / "d.qcow2")
+    qimg("create", "-q", "-f", "qcow2", "-o", "lazy_refcounts=on", f, "64M")
+    import subprocess
+    from img_util import QEMU_IO
+    # Killed while dirty: the header keeps the dirty flag.
+    subprocess.run([QEMU_IO, "-c", "write -P 1 0 64k", "-c", "sigraise 9", f],
+                   capture_output=True)
+    a, b = both(f)
+    assert "cleanly shut down: no" in b
+    assert a == b
+    check_same(f)

@@ -144,3 +144,54 @@ def test_export_served_over_nbd(d, tmp_path):
     p = subprocess.run([nbdinfo, "--size", f"nbd+unix:///ex?socket={tmp_path}/nbd.sock"],
                        capture_output=True, text=True, timeout=30)
     assert p.stdout.strip() == "1048576", p.stderr
+
+
+def test_export_add_checks(d, tmp_path):
+    d.qmp.cmd("blockdev-add", driver="null-co", node_name="n")
+    start_nbd(d, tmp_path)
+    cases = [
+        ({"type": "nbd", "id": "Bad id!", "node-name": "n"}, "Invalid block export id"),
+        ({"type": "nbd", "id": "", "node-name": "n"}, "Invalid block export id"),
+        ({"type": "nbd", "id": "e", "node-name": "n", "bitmaps": ["bm"]}, "Bitmap 'bm' is not found"),
+        ({"type": "nbd", "id": "e", "node-name": "n", "bitmaps": [{"node": "n", "name": "bm"}]},
+         "Dirty bitmap 'bm' not found"),
+        ({"type": "nbd", "id": "e", "node-name": "n", "iothread": "io0"}, 'iothread "io0" not found'),
+        ({"type": "nbd", "id": "e", "node-name": "n", "name": "x" * 4097},
+         "export name '" + "x" * 4097 + "' too long"),
+        ({"type": "nbd", "id": "e", "node-name": "n", "description": "x" * 4097},
+         "description '" + "x" * 4097 + "' too long"),
+    ]
+    for args, desc in cases:
+        expect_error(d, "block-export-add", args, desc)
+    assert d.qmp.cmd("query-block-exports") == []
+
+
+def test_legacy_nbd_server_add_remove(d, tmp_path):
+    expect_error(d, "nbd-server-add", {"device": "n"}, "Cannot find device='n' nor node-name='n'")
+    d.qmp.cmd("blockdev-add", driver="null-co", node_name="n")
+    d.qmp.cmd("blockdev-add", driver="null-co", node_name="ro", read_only=True)
+    expect_error(d, "nbd-server-add", {"device": "n"}, "NBD server not running")
+    start_nbd(d, tmp_path)
+    expect_error(d, "nbd-server-add", {}, "Parameter 'device' is missing")
+    expect_error(d, "nbd-server-add", {"device": "n", "bogus": 1}, "Parameter 'bogus' is unexpected")
+    d.qmp.cmd("nbd-server-add", device="n", writable=True, description="x")
+    expect_error(d, "nbd-server-add", {"device": "n"}, "Block export id 'n' is already in use")
+    d.qmp.cmd("nbd-server-add", device="n", args={"name": "other"})
+    d.qmp.cmd("nbd-server-add", device="ro", writable=True)  # exported read-only
+    expect_error(d, "nbd-server-add", {"device": "n", "name": "b", "bitmap": "bm"},
+                 "Bitmap 'bm' is not found")
+    ids = sorted((e["id"], e["node-name"]) for e in d.qmp.cmd("query-block-exports"))
+    assert ids == [("n", "n"), ("other", "n"), ("ro", "ro")]
+    expect_error(d, "nbd-server-remove", {}, "Parameter 'name' is missing")
+    expect_error(d, "nbd-server-remove", {"name": "nope"}, "Export 'nope' is not found")
+    expect_error(d, "nbd-server-remove", {"name": "n", "mode": "x"},
+                 "Parameter 'mode' does not accept value 'x'")
+    d.qmp.cmd("nbd-server-remove", name="n", mode="hard")
+    d.qmp.cmd("nbd-server-remove", name="other")
+    got = {d.qmp.wait_event("BLOCK_EXPORT_DELETED")["data"]["id"] for _ in range(2)}
+    assert got == {"n", "other"}
+
+
+def test_query_block_is_empty(d):
+    assert d.qmp.cmd("query-block") == []
+    expect_error(d, "query-block", {"a": 1}, "Parameter 'a' is unexpected")
