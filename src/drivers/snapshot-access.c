@@ -57,9 +57,17 @@ static int snap_pwrite_zeroes(LamNode *bs, int64_t off, int64_t bytes, int flags
     return -ENOTSUP;
 }
 
+/* Drops the range from the snapshot and frees its space in the target.
+ * Only with discard=unmap on this node; otherwise discard is ignored. */
 static int snap_pdiscard(LamNode *bs, int64_t off, int64_t bytes)
 {
-    return -ENOTSUP; /* discard-to-release is not implemented (advisory) */
+    SnapState *s = bs->opaque;
+    const char *mode = lam_opt_str(lam_node_options(bs), "discard", "ignore");
+    LamBlockCopy *bcs = lam_cbw_block_copy(s->file->node);
+    if (strcmp(mode, "unmap") != 0 || !bcs) {
+        return 0;
+    }
+    return lam_block_copy_snapshot_discard(bcs, off, bytes);
 }
 
 static int snap_flush(LamNode *bs)

@@ -44,6 +44,7 @@ struct LamBlockCopy {
     pthread_cond_t work_cond; /* signalled when work is queued or workers
                                * must stop */
     LamBitmap *bitmap;    /* set = still to copy */
+    LamBitmap *access;    /* set = readable through snapshot-access */
     CopyTask *tasks;      /* in-flight copies */
     FrozenRead *frozen;   /* in-flight snapshot reads from the source */
 
@@ -90,6 +91,15 @@ LamBlockCopy *lam_block_copy_new(LamChild *source, LamChild *target,
         return NULL;
     }
     lam_bitmap_set(s->bitmap, 0, len);
+    s->access = lam_bitmap_new(len, cluster_size);
+    if (!s->access) {
+        lam_bitmap_free(s->bitmap);
+        free(s);
+        lam_error_setg(errp, "Out of memory for the snapshot bitmap of '%s'",
+                       lam_node_name(source->node));
+        return NULL;
+    }
+    lam_bitmap_set(s->access, 0, len);
     s->source = source;
     s->target = target;
     s->cluster_size = cluster_size;
@@ -108,6 +118,7 @@ void lam_block_copy_free(LamBlockCopy *s)
         return;
     }
     lam_bitmap_free(s->bitmap);
+    lam_bitmap_free(s->access);
     pthread_mutex_destroy(&s->lock);
     pthread_cond_destroy(&s->cond);
     pthread_cond_destroy(&s->work_cond);
@@ -392,10 +403,39 @@ int lam_block_copy_cbw(LamBlockCopy *s, int64_t off, int64_t bytes)
 
 /* ---- snapshot reads ---- */
 
+int lam_block_copy_snapshot_discard(LamBlockCopy *s, int64_t off, int64_t bytes)
+{
+    int64_t start = (off + s->cluster_size - 1) / s->cluster_size * s->cluster_size;
+    int64_t end = (off + bytes) / s->cluster_size * s->cluster_size;
+    if (off + bytes >= s->len) {
+        end = s->len;
+    }
+    if (end <= start) {
+        return 0;
+    }
+    pthread_mutex_lock(&s->lock);
+    /* A copy in flight finishes first; then the range is gone for good. */
+    while (task_overlaps_locked(s, start, end - start) ||
+           frozen_overlaps_locked(s, start, end - start)) {
+        pthread_cond_wait(&s->cond, &s->lock);
+    }
+    lam_bitmap_reset(s->bitmap, start, end - start);
+    lam_bitmap_reset(s->access, start, end - start);
+    pthread_mutex_unlock(&s->lock);
+    int ret = lam_co_pdiscard(s->target, start, end - start);
+    return ret == -ENOTSUP ? 0 : ret;
+}
+
 int lam_block_copy_snapshot_read(LamBlockCopy *s, int64_t off, int64_t bytes,
                                  LamIOV *qiov, size_t qoff)
 {
     int64_t end = off + bytes;
+    pthread_mutex_lock(&s->lock);
+    int64_t hole = lam_bitmap_next_clear(s->access, off / s->cluster_size * s->cluster_size);
+    pthread_mutex_unlock(&s->lock);
+    if (hole < end) {
+        return -EACCES; /* discarded from the snapshot */
+    }
     while (off < end) {
         pthread_mutex_lock(&s->lock);
         int64_t cend = (off / s->cluster_size + 1) * s->cluster_size;

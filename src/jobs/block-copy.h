@@ -68,6 +68,11 @@ int lam_block_copy_run(LamBlockCopy *s, LamJob *job, int max_workers,
                        int64_t max_chunk, LamOnError on_source_error,
                        LamOnError on_target_error, LamError **errp);
 
+/* Snapshot discard (snapshot-access): the whole clusters inside the range
+ * are dropped from the snapshot: no more copy-before-write for them, their
+ * target data is discarded, and snapshot reads of them fail with EACCES. */
+int lam_block_copy_snapshot_discard(LamBlockCopy *s, int64_t off, int64_t bytes);
+
 /* Snapshot read (snapshot-access over copy-before-write): reads the
  * point-in-time content of [off, off+bytes) into qiov at qoff: copied
  * regions from the target, the others from the source under a frozen

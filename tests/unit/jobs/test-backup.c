@@ -820,6 +820,42 @@ static void test_cbw_timeout(void)
     timeout_case("break-guest-write");
 }
 
+static void test_snapshot_discard(void)
+{
+    make_file("a10", LEN, true);
+    make_file("t10", LEN, false);
+    LamNode *a = open_file("a10", "a10");
+    LamNode *t = open_file("t10", "t10");
+    LamNode *cbw = open_opts(json_pack("{s:s, s:s, s:s, s:s}", "driver", "copy-before-write",
+                                       "node-name", "cbw10", "file", "a10", "target", "t10"));
+    LamNode *acc = open_opts(json_pack("{s:s, s:s, s:s, s:s}", "driver", "snapshot-access",
+                                       "node-name", "acc10", "file", "cbw10", "discard",
+                                       "unmap"));
+    LamChild *guest = lam_root_attach(cbw, "guest", LAM_PERM_CONSISTENT_READ | LAM_PERM_WRITE,
+                                      LAM_PERM_ALL, NULL);
+    LamChild *rd = lam_root_attach(acc, "export", LAM_PERM_CONSISTENT_READ | LAM_PERM_WRITE,
+                                   LAM_PERM_ALL, NULL);
+    LamBlockCopy *bcs = lam_cbw_block_copy(cbw);
+    uint8_t buf[4096];
+    ok(lam_co_pdiscard(rd, 65536 + 512, 3 * 65536) == 0, "snapshot discard accepted");
+    ok(lam_co_pread(rd, 2 * 65536, 4096, buf, 0) == -EACCES &&
+           lam_co_pread(rd, 3 * 65536, 4096, buf, 0) == -EACCES,
+       "whole discarded clusters are unreadable");
+    ok(lam_co_pread(rd, 65536, 4096, buf, 0) == 0 && lam_co_pread(rd, 4 * 65536, 4096, buf, 0) == 0,
+       "partially covered clusters stay readable");
+    int64_t dirty = lam_block_copy_dirty_bytes(bcs);
+    memset(buf, 0x99, sizeof(buf));
+    lam_co_pwrite(guest, 2 * 65536, 4096, buf, 0);
+    ok(lam_block_copy_dirty_bytes(bcs) == dirty && dirty == LEN - 2 * 65536,
+       "no copy-before-write for discarded clusters");
+    lam_root_detach(rd);
+    lam_root_detach(guest);
+    lam_node_unref(acc);
+    lam_node_unref(cbw);
+    lam_node_unref(a);
+    lam_node_unref(t);
+}
+
 int main(void)
 {
     setvbuf(stdout, NULL, _IOLBF, 0);
@@ -836,6 +872,7 @@ int main(void)
     test_blkdebug_policies();
     test_qmp_args();
     test_cbw_timeout();
+    test_snapshot_discard();
     char cmd[300];
     snprintf(cmd, sizeof(cmd), "rm -rf %s", tmpdir);
     if (system(cmd) != 0) {
