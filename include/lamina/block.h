@@ -204,6 +204,10 @@ int lam_co_truncate(LamChild *c, int64_t size, bool exact, LamPrealloc prealloc,
 /* ---- quiesce ---- */
 void lam_drain_begin(void);
 void lam_drain_end(void);
+/* Called around the outermost drained section (before the gate closes,
+ * after it opens), on the control thread: jobs pause their own I/O. */
+typedef void (*LamDrainHook)(void);
+void lam_drain_set_hooks(LamDrainHook begin, LamDrainHook end);
 
 /* ---- creation and maintenance (control thread) ---- */
 
