@@ -53,6 +53,7 @@ struct LamBlockCopy {
     int busy_workers;
     bool stop_workers;
     int64_t max_chunk;    /* worker buffer size */
+    LamJob *run_job;      /* the job running the background copy */
     int64_t bsc_off, bsc_end; /* block status cache: [off, end) is ... */
     bool bsc_zero;            /* ... zero (true) or data (false) */
     int bg_err;           /* first unhandled background error */
@@ -549,6 +550,7 @@ static void *worker_main(void *opaque)
         if (ret == 0) {
             report_progress(s, w->task.bytes);
         }
+        lam_job_io_end(s->run_job);
         pthread_mutex_lock(&s->lock);
         task_end_locked(s, &w->task, ret);
         if (ret < 0 && s->bg_err == 0) {
@@ -592,6 +594,7 @@ int lam_block_copy_run(LamBlockCopy *s, LamJob *job, int max_workers,
                                             : max_chunk / s->cluster_size * s->cluster_size;
 
     s->max_chunk = max_chunk;
+    s->run_job = job;
     pthread_t threads[MAX_WORKERS];
     int nthreads = 0;
     s->stop_workers = false;
@@ -630,7 +633,19 @@ int lam_block_copy_run(LamBlockCopy *s, LamJob *job, int max_workers,
             lam_job_pause_point(job);
             pthread_mutex_lock(&s->lock);
         }
-        if (lam_job_is_cancelled(job)) {
+        /* The job lock is never taken with ours held. */
+        pthread_mutex_unlock(&s->lock);
+        bool cancelled = lam_job_is_cancelled(job);
+        if (!cancelled && lam_job_pause_requested(job)) {
+            /* Pause (user, error stop, drain) with nothing in flight. */
+            pthread_mutex_lock(&s->lock);
+            drain_workers_locked(s);
+            pthread_mutex_unlock(&s->lock);
+            lam_job_pause_point(job);
+            cancelled = lam_job_is_cancelled(job);
+        }
+        pthread_mutex_lock(&s->lock);
+        if (cancelled) {
             ret = -ECANCELED;
             break;
         }
@@ -666,6 +681,7 @@ int lam_block_copy_run(LamBlockCopy *s, LamJob *job, int max_workers,
         }
         *tail = w;
         s->busy_workers++;
+        atomic_fetch_add(&job->io_in_flight, 1);
         pthread_cond_signal(&s->work_cond);
         pthread_mutex_unlock(&s->lock);
         /* Speed limit and pause point: between dispatches only, so a

@@ -10,6 +10,7 @@
 #include <unistd.h>
 
 #include "jobs/job-internal.h"
+#include "lamina/block.h"
 #include "lamina/events.h"
 
 /* job_lock protects every [L] field of every job, the job list, and the
@@ -398,6 +399,74 @@ bool lam_job_is_cancelled(LamJob *job)
     bool r = job_is_cancelled_locked(job);
     pthread_mutex_unlock(&job_lock);
     return r;
+}
+
+bool lam_job_pause_requested(LamJob *job)
+{
+    pthread_mutex_lock(&job_lock);
+    bool r = job->pause_count > 0;
+    pthread_mutex_unlock(&job_lock);
+    return r;
+}
+
+void lam_job_io_end(LamJob *job)
+{
+    if (atomic_fetch_sub(&job->io_in_flight, 1) == 1) {
+        pthread_mutex_lock(&job_lock);
+        pthread_cond_broadcast(&job_status_cond);
+        pthread_mutex_unlock(&job_lock);
+    }
+}
+
+/* ---- drained sections ---- */
+
+static bool job_running_locked(const LamJob *j)
+{
+    return j->started && !j->run_done && !j->deferred;
+}
+
+/* Pauses every running job and waits until none has I/O of its own in
+ * flight: requests of jobs don't come through root edges, so the core's
+ * drain would not wait for them.  Emits paused (standby) like QEMU. */
+static void jobs_drain_begin(void)
+{
+    pthread_once(&init_once, job_init);
+    pthread_mutex_lock(&job_lock);
+    for (LamJob *j = job_list; j; j = j->next) {
+        if (job_running_locked(j)) {
+            j->drain_paused = true;
+            j->pause_count++;
+            job_kick_locked(j);
+        }
+    }
+    for (LamJob *j = job_list; j; j = j->next) {
+        while (j->drain_paused && !(j->paused || j->run_done) ) {
+            pthread_cond_wait(&job_status_cond, &job_lock);
+        }
+        while (j->drain_paused && atomic_load(&j->io_in_flight) > 0) {
+            pthread_cond_wait(&job_status_cond, &job_lock);
+        }
+    }
+    pthread_mutex_unlock(&job_lock);
+}
+
+static void job_resume_locked(LamJob *job);
+
+static void jobs_drain_end(void)
+{
+    pthread_mutex_lock(&job_lock);
+    for (LamJob *j = job_list; j; j = j->next) {
+        if (j->drain_paused) {
+            j->drain_paused = false;
+            job_resume_locked(j);
+        }
+    }
+    pthread_mutex_unlock(&job_lock);
+}
+
+__attribute__((constructor)) static void jobs_drain_register(void)
+{
+    lam_drain_set_hooks(jobs_drain_begin, jobs_drain_end);
 }
 
 bool lam_job_cancel_requested(LamJob *job)

@@ -154,6 +154,11 @@ struct LamJob {
     pthread_t thread;
     bool thread_started;
 
+    /* The job's own requests in flight outside its thread (copy workers):
+     * a drained section waits for them.  Atomic; see lam_job_io_end. */
+    _Atomic int io_in_flight;
+    bool drain_paused;        /* [L] paused by a drained section */
+
     LamJobTxn *txn;           /* [L] NULL: a transaction of its own */
     struct LamJob *txn_next;  /* [L] */
 };
@@ -218,6 +223,10 @@ void lam_job_unref(LamJob *job);
 /* ---- job thread ---- */
 
 bool lam_job_is_cancelled(LamJob *job);       /* forced cancel requested */
+/* A pause is pending: stop issuing I/O and reach lam_job_pause_point(). */
+bool lam_job_pause_requested(LamJob *job);
+/* One request counted in io_in_flight finished (any thread). */
+void lam_job_io_end(LamJob *job);
 bool lam_job_cancel_requested(LamJob *job);   /* any cancel */
 /* Sleeps here while the job is paused (status paused/standby). */
 void lam_job_pause_point(LamJob *job);

@@ -856,6 +856,41 @@ static void test_snapshot_discard(void)
     lam_node_unref(t);
 }
 
+/* A drained section pauses running jobs and waits for their own I/O. */
+static void test_drain_pauses_jobs(void)
+{
+    make_file("a11", LEN, true);
+    make_file("b11", LEN, false);
+    LamNode *a = open_file("a11", "a11");
+    LamNode *b = open_file("b11", "b11");
+    LamBackupParams p;
+    lam_backup_params_init(&p);
+    p.job_id = "dr";
+    p.speed = 4 << 20;
+    LamJob *job = lam_backup_start(a, b, &p, NULL);
+    lam_job_ref(job);
+    struct timespec d = { 0, 100000000 };
+    nanosleep(&d, NULL);
+    lam_drain_begin();
+    int64_t off = atomic_load(&job->progress_current);
+    ok(job->status == LAM_JOB_STATUS_PAUSED && atomic_load(&job->io_in_flight) == 0,
+       "drain: job paused with no I/O in flight");
+    nanosleep(&d, NULL);
+    ok(atomic_load(&job->progress_current) == off, "drain: no progress while drained");
+    lam_job_user_pause(job, NULL);
+    lam_drain_end();
+    nanosleep(&d, NULL);
+    ok(job->status == LAM_JOB_STATUS_PAUSED, "drain end keeps a user pause");
+    lam_job_user_resume(job, NULL);
+    lam_job_set_speed(job, 0, NULL);
+    int r = lam_job_run_until_done(job);
+    lam_job_unref(job);
+    ok(r == 0 && ev_is("created running paused running waiting pending COMPLETED concluded null "),
+       "drain: paused/running pair, then completion");
+    lam_node_unref(a);
+    lam_node_unref(b);
+}
+
 int main(void)
 {
     setvbuf(stdout, NULL, _IOLBF, 0);
@@ -873,6 +908,7 @@ int main(void)
     test_qmp_args();
     test_cbw_timeout();
     test_snapshot_discard();
+    test_drain_pauses_jobs();
     char cmd[300];
     snprintf(cmd, sizeof(cmd), "rm -rf %s", tmpdir);
     if (system(cmd) != 0) {
