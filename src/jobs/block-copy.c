@@ -8,6 +8,8 @@
 #include "lamina/driver.h"
 
 #define DEFAULT_MAX_CHUNK (1 << 20)
+#define MAX_CHUNK (64 << 20)
+#define MAX_MEM (128 << 20)
 /* Requests in flight are threads here: more than this only adds context
  * switches on the machines we target. */
 #define MAX_WORKERS 16
@@ -372,7 +374,9 @@ int lam_block_copy_cbw(LamBlockCopy *s, int64_t off, int64_t bytes)
         int64_t d = lam_bitmap_next_set(s->bitmap, start);
         if (d >= 0 && d < end) {
             CopyTask t;
-            claim_locked(s, &t, d, end - d);
+            /* In pieces of at most 1 MiB: a big guest write must not
+             * allocate a buffer of its size. */
+            claim_locked(s, &t, d, end - d < DEFAULT_MAX_CHUNK ? end - d : DEFAULT_MAX_CHUNK);
             pthread_mutex_unlock(&s->lock);
             bool is_read;
             void *buf = alloc_buf(s, t.bytes);
@@ -590,8 +594,20 @@ int lam_block_copy_run(LamBlockCopy *s, LamJob *job, int max_workers,
     if (s->write_flags & LAM_REQ_WRITE_COMPRESSED) {
         max_chunk = s->cluster_size;
     }
+    /* Bound the memory of a run: one buffer per worker, at most
+     * MAX_CHUNK each and MAX_MEM together (a huge x-perf.max-chunk must
+     * not allocate gigabytes). */
+    if (max_chunk > MAX_CHUNK) {
+        max_chunk = MAX_CHUNK;
+    }
     max_chunk = max_chunk < s->cluster_size ? s->cluster_size
                                             : max_chunk / s->cluster_size * s->cluster_size;
+    if ((int64_t)max_workers * max_chunk > MAX_MEM) {
+        max_workers = (int)(MAX_MEM / max_chunk);
+        if (max_workers < 1) {
+            max_workers = 1;
+        }
+    }
 
     s->max_chunk = max_chunk;
     s->run_job = job;
