@@ -299,6 +299,8 @@ static int do_copy(LamBlockCopy *s, int64_t off, int64_t bytes, void *buf, bool 
 static CopyTask *claim_locked(LamBlockCopy *s, CopyTask *t, int64_t start, int64_t max)
 {
     int64_t end = lam_bitmap_next_clear(s->bitmap, start);
+    /* Whole clusters only: a bit covers a cluster. */
+    max = max < s->cluster_size ? s->cluster_size : max / s->cluster_size * s->cluster_size;
     if (end - start > max) {
         end = start + max;
     }
