@@ -891,6 +891,46 @@ static void test_drain_pauses_jobs(void)
     lam_node_unref(b);
 }
 
+/* Job clusters bigger than a copy piece (min-cluster-size 2 MiB). */
+static void test_big_clusters(void)
+{
+    make_file("a12", LEN, true);
+    make_file("t12", LEN, false);
+    LamNode *a = open_file("a12", "a12");
+    LamNode *t = open_file("t12", "t12");
+    LamNode *cbw = open_opts(json_pack("{s:s, s:s, s:s, s:s, s:I}", "driver", "copy-before-write",
+                                       "node-name", "cbw12", "file", "a12", "target", "t12",
+                                       "min-cluster-size", (json_int_t)(2 << 20)));
+    LamNode *acc = open_opts(json_pack("{s:s, s:s, s:s}", "driver", "snapshot-access",
+                                       "node-name", "acc12", "file", "cbw12"));
+    LamChild *guest = lam_root_attach(cbw, "guest", LAM_PERM_CONSISTENT_READ | LAM_PERM_WRITE,
+                                      LAM_PERM_ALL, NULL);
+    LamChild *rd = lam_root_attach(acc, "export", LAM_PERM_CONSISTENT_READ, LAM_PERM_ALL, NULL);
+    ok(lam_block_copy_cluster_size(lam_cbw_block_copy(cbw)) == 2 << 20, "min-cluster-size used");
+    Writer w = { .edge = guest, .len = LEN, .count = 300, .seed = 77 };
+    writer_main(&w);
+    ok(w.errors == 0 && count_mismatch(rd, LEN) == 0,
+       "2 MiB clusters: the snapshot stays intact under writes");
+    LamChild *rt = lam_root_attach(t, "check", LAM_PERM_CONSISTENT_READ, LAM_PERM_ALL, NULL);
+    uint8_t *buf = malloc(2 << 20);
+    bool whole = true;
+    for (int64_t off = 0; off < LEN; off += 2 << 20) {
+        lam_co_pread(rt, off, 2 << 20, buf, 0);
+        bool any = !lam_buf_is_zero(buf, 2 << 20);
+        bool tail = !lam_buf_is_zero(buf + (2 << 20) - 4096, 4096);
+        whole &= !any || tail; /* a copied cluster is copied whole */
+    }
+    free(buf);
+    ok(whole, "copied clusters are copied whole");
+    lam_root_detach(rt);
+    lam_root_detach(rd);
+    lam_root_detach(guest);
+    lam_node_unref(acc);
+    lam_node_unref(cbw);
+    lam_node_unref(a);
+    lam_node_unref(t);
+}
+
 int main(void)
 {
     setvbuf(stdout, NULL, _IOLBF, 0);
@@ -909,6 +949,7 @@ int main(void)
     test_cbw_timeout();
     test_snapshot_discard();
     test_drain_pauses_jobs();
+    test_big_clusters();
     char cmd[300];
     snprintf(cmd, sizeof(cmd), "rm -rf %s", tmpdir);
     if (system(cmd) != 0) {
