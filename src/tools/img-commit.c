@@ -22,15 +22,6 @@ typedef struct Layer {
     char *format;
 } Layer;
 
-static bool same_file(const char *a, const char *b)
-{
-    char ra[PATH_MAX], rb[PATH_MAX];
-    if (!strcmp(a, b)) {
-        return true;
-    }
-    return realpath(a, ra) && realpath(b, rb) && !strcmp(ra, rb);
-}
-
 /* qemu-img -o options that re-create the top image as it was. */
 static json_t *recreate_opts(LamNode *top)
 {
@@ -92,7 +83,7 @@ static int copy_to_base(ImgImage *top, ImgImage *base, int64_t size)
         int64_t pnum = 0, map;
         LamNode *file;
         int depth = 0;
-        int64_t want = size - off < IMG_CHUNK ? size - off : IMG_CHUNK;
+        int64_t want = size - off < IMG_BIG_CHUNK ? size - off : IMG_BIG_CHUNK;
         int st = lam_co_block_status_above(top->root, base->node, off, want,
                                            &pnum, &map, &file, &depth);
         if (st < 0) {
@@ -108,6 +99,9 @@ static int copy_to_base(ImgImage *top, ImgImage *base, int64_t size)
             if (st & LAM_BS_ZERO) {
                 r = lam_co_pwrite_zeroes(base->root, off, pnum, 0);
             } else {
+                if (pnum > IMG_CHUNK) {
+                    pnum = IMG_CHUNK;
+                }
                 r = lam_co_pread(top->root, off, pnum, buf, 0);
                 if (r >= 0) {
                     r = lam_co_pwrite(base->root, off, pnum, buf, 0);
@@ -182,7 +176,7 @@ int img_commit(int argc, char **argv)
         bool is_base = true;
         if (base_arg) {
             char *rel = lam_path_combine(filename, base_arg);
-            is_base = same_file(fn, base_arg) || same_file(fn, rel);
+            is_base = img_same_file(fn, base_arg) || img_same_file(fn, rel);
             free(rel);
         }
         if (is_base) {

@@ -2,6 +2,7 @@
 #include "tools/img-common.h"
 
 #include <errno.h>
+#include <limits.h>
 #include <math.h>
 #include <pthread.h>
 #include <stdarg.h>
@@ -391,4 +392,16 @@ void *img_alloc_buf(size_t len)
         return NULL;
     }
     return p;
+}
+
+bool img_same_file(const char *a, const char *b)
+{
+    char ra[PATH_MAX], rb[PATH_MAX];
+    if (!a || !b) {
+        return false;
+    }
+    if (!strcmp(a, b)) {
+        return true;
+    }
+    return realpath(a, ra) && realpath(b, rb) && !strcmp(ra, rb);
 }

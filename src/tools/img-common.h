@@ -84,6 +84,9 @@ int img_chain_length(LamNode *bs);
 /* The image's cluster size if the format has one, else 0. */
 int64_t img_cluster_size(LamNode *bs);
 
+/* Whether two paths name the same file (after resolving links). */
+bool img_same_file(const char *a, const char *b);
+
 /* Progress line "    (12.34/100%)\r" on stdout. */
 void img_progress_start(bool enabled);
 void img_progress_set(double percent);
@@ -91,6 +94,8 @@ void img_progress_end(void);
 
 /* Default request size for copying loops. */
 #define IMG_CHUNK (2 * 1024 * 1024)
+/* Largest range handled in one step when no data buffer is involved. */
+#define IMG_BIG_CHUNK (1024LL * 1024 * 1024)
 #define IMG_MAX_THREADS 16
 
 /* Runs fn(i, opaque) on n threads (n >= 1; 1 runs inline) and joins them.

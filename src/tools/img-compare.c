@@ -62,7 +62,7 @@ static int check_tail(ImgImage *im, int64_t from, int64_t to, uint8_t *buf,
 {
     for (int64_t off = from; off < to;) {
         bool z, al;
-        int64_t n = status(im, off, to - off < IMG_CHUNK ? to - off : IMG_CHUNK,
+        int64_t n = status(im, off, to - off < IMG_BIG_CHUNK ? to - off : IMG_BIG_CHUNK,
                            &z, &al);
         if (n < 0) {
             img_error("Error while reading offset %lld of %s: %s",
@@ -75,6 +75,9 @@ static int check_tail(ImgImage *im, int64_t from, int64_t to, uint8_t *buf,
             return 1;
         }
         if (!z) {
+            if (n > IMG_CHUNK) {
+                n = IMG_CHUNK;
+            }
             int r = lam_co_pread(im->root, off, n, buf, 0);
             if (r < 0) {
                 img_error("Error while reading offset %lld of %s: %s",
@@ -155,7 +158,9 @@ int img_compare(int argc, char **argv)
     img_progress_start(progress);
     for (int64_t off = 0; off < common;) {
         bool za, aa, zb, ab;
-        int64_t want = common - off < IMG_CHUNK ? common - off : IMG_CHUNK;
+        /* Ask about big ranges: zero ranges are passed over whole, only
+         * ranges that must be read are cut to the buffer size. */
+        int64_t want = common - off < IMG_BIG_CHUNK ? common - off : IMG_BIG_CHUNK;
         int64_t na = status(&a, off, want, &za, &aa);
         int64_t nb = na >= 0 ? status(&b, off, want, &zb, &ab) : 0;
         if (na < 0 || nb < 0) {
@@ -170,6 +175,9 @@ int img_compare(int argc, char **argv)
             goto out;
         }
         if (!(za && zb)) {
+            if (n > IMG_CHUNK) {
+                n = IMG_CHUNK;
+            }
             int r = lam_co_pread(a.root, off, n, ba, 0);
             if (r >= 0) {
                 r = lam_co_pread(b.root, off, n, bb, 0);

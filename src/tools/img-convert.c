@@ -24,6 +24,7 @@
 typedef struct Conv {
     ImgImage src, dst, base;
     bool has_base;
+    LamNode *src_base;   /* the -B file inside the source's chain, if there */
     int64_t size;        /* bytes to write: the target's length when we
                           * created it (rounded up to 512), else the source's */
     int64_t src_size;
@@ -41,6 +42,7 @@ typedef struct Conv {
     int64_t next_off;
     int64_t st_end;      /* end of the cached source status extent */
     bool st_zero;        /* that extent reads as zeroes */
+    bool st_skip;        /* that extent comes from the -B file itself */
     uint64_t next_seq, write_seq;
     int err;
     int64_t done;
@@ -51,55 +53,99 @@ static int64_t min64(int64_t a, int64_t b)
     return a < b ? a : b;
 }
 
-/* Under c->lock: picks the next chunk.  Returns false when done. */
-static bool next_chunk(Conv *c, int64_t *off, int64_t *len, bool *zero,
-                       uint64_t *seq)
+/* Under c->lock: refreshes the cached source status at c->next_off. */
+static int refresh_status(Conv *c)
 {
-    if (c->err || c->next_off >= c->size) {
-        return false;
-    }
     int64_t o = c->next_off;
     if (o >= c->src_size) {
         /* Tail of a target rounded up past the source: zeroes. */
         c->st_end = c->size;
         c->st_zero = true;
-    } else if (o >= c->st_end) {
-        int64_t pnum = 0, map;
-        LamNode *file;
-        int depth = 0;
-        int st = lam_co_block_status_above(c->src.root, NULL, o, c->src_size - o,
-                                           &pnum, &map, &file, &depth);
-        if (st < 0) {
-            c->err = st;
+        c->st_skip = false;
+        return 0;
+    }
+    int64_t pnum = 0, map;
+    LamNode *file;
+    int depth = 0;
+    int st = lam_co_block_status_above(c->src.root, c->src_base, o,
+                                       c->src_size - o, &pnum, &map, &file,
+                                       &depth);
+    if (st < 0) {
+        return st;
+    }
+    if (pnum <= 0) {
+        pnum = c->src_size - o;
+    }
+    c->st_end = o + pnum;
+    c->st_zero = (st & LAM_BS_ZERO) || depth == 0;
+    /* Unallocated above the -B file: the target's backing has it. */
+    c->st_skip = c->src_base && depth == 0;
+    return 0;
+}
+
+/* Under c->lock: picks the next chunk that needs work.  Ranges that need
+ * none (zeroes on a zeroed target, ranges the -B file provides) are
+ * passed over here in whole extents, without tickets or wake-ups.
+ * Returns false when done. */
+static bool next_chunk(Conv *c, int64_t *off, int64_t *len, bool *zero,
+                       bool *skip, uint64_t *seq)
+{
+    for (;;) {
+        if (c->err || c->next_off >= c->size) {
             return false;
         }
-        if (pnum <= 0) {
-            pnum = c->src_size - o;
+        int64_t o = c->next_off;
+        if (o >= c->st_end) {
+            int r = refresh_status(c);
+            if (r < 0) {
+                c->err = r;
+                return false;
+            }
         }
-        c->st_end = o + pnum;
-        c->st_zero = (st & LAM_BS_ZERO) || depth == 0;
-    }
-    int64_t end = min64(c->st_end, o + c->chunk);
-    bool z = c->st_zero;
-    /* Chunks end on granule boundaries so that no two workers write the
-     * same target cluster; a granule spanning two status extents is read
-     * as data. */
-    int64_t aend = (end + c->gran - 1) / c->gran * c->gran;
-    if (aend > c->size) {
-        aend = c->size;
-    }
-    if (aend != end) {
-        if (aend > c->st_end) {
-            z = false;
+        bool z = c->st_zero, sk = c->st_skip;
+        /* Data moves in buffers of c->chunk; zero writes need no buffer. */
+        int64_t limit = z || sk ? IMG_BIG_CHUNK : c->chunk;
+        int64_t end = min64(c->st_end, o + limit);
+        /* Chunks end on granule boundaries so that no two workers write
+         * the same target cluster; a granule spanning two status extents
+         * is handled as data. */
+        int64_t aend = (end + c->gran - 1) / c->gran * c->gran;
+        if (aend > c->size) {
+            aend = c->size;
         }
-        end = aend;
+        if (aend != end) {
+            if (aend > c->st_end) {
+                if (z || sk) {
+                    /* Stop before the mixed granule; it comes next as data. */
+                    int64_t down = end / c->gran * c->gran;
+                    if (down > o) {
+                        aend = down;
+                    } else {
+                        z = sk = false;
+                        aend = min64((o / c->gran + 1) * c->gran, c->size);
+                    }
+                }
+            }
+            end = aend;
+        }
+        if (sk || (z && !c->has_base && c->target_zeroed)) {
+            c->next_off = end;
+            c->done += end - o;
+            continue;
+        }
+        if (z && !c->has_base) {
+            /* Zero writes: no buffer, any size. */
+        } else if (end - o > c->chunk) {
+            end = o + c->chunk;
+        }
+        *off = o;
+        *len = end - o;
+        *zero = z;
+        *skip = sk;
+        *seq = c->next_seq++;
+        c->next_off = end;
+        return true;
     }
-    *off = o;
-    *len = end - o;
-    *zero = z;
-    *seq = c->next_seq++;
-    c->next_off = end;
-    return true;
 }
 
 static int write_zeroes(Conv *c, int64_t off, int64_t len)
@@ -195,18 +241,18 @@ static int worker(int idx, void *opaque)
     }
     for (;;) {
         int64_t off, len;
-        bool zero;
+        bool zero, skip;
         uint64_t seq;
 
         pthread_mutex_lock(&c->lock);
-        bool more = next_chunk(c, &off, &len, &zero, &seq);
+        bool more = next_chunk(c, &off, &len, &zero, &skip, &seq);
         pthread_mutex_unlock(&c->lock);
         if (!more) {
             break;
         }
         int r = 0;
         uint8_t *data = NULL;
-        if (!zero) {
+        if (!zero && !skip) {
             int64_t n = min64(len, c->src_size - off);
             r = lam_co_pread(c->src.root, off, n, buf, 0);
             if (n < len) {
@@ -214,7 +260,7 @@ static int worker(int idx, void *opaque)
             }
             data = buf;
         }
-        if (r >= 0 && c->has_base) {
+        if (r >= 0 && c->has_base && !skip) {
             memset(bbuf, 0, len);
             if (off < c->base_size) {
                 r = lam_co_pread(c->base.root, off, min64(len, c->base_size - off),
@@ -232,7 +278,7 @@ static int worker(int idx, void *opaque)
                 break;
             }
         }
-        if (r >= 0) {
+        if (r >= 0 && !skip) {
             r = write_chunk(c, off, len, data, bbuf);
         }
         pthread_mutex_lock(&c->lock);
@@ -410,6 +456,13 @@ int img_convert(int argc, char **argv)
             goto out_dst;
         }
         cv.has_base = true;
+        for (LamNode *n = lam_node_backing_node(cv.src.node); n;
+             n = lam_node_backing_node(n)) {
+            if (img_same_file(lam_node_filename(n), lam_node_filename(cv.base.node))) {
+                cv.src_base = n;
+                break;
+            }
+        }
         cv.base_size = lam_node_length(cv.base.node);
         if (cv.base_size < 0) {
             cv.base_size = 0;

@@ -4,6 +4,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <time.h>
 
 #include "tools/img-common.h"
 
@@ -27,6 +28,11 @@ static json_t *image_info(ImgImage *im, LamError **errp)
         json_decref(drv);
         json_decref(info);
         return NULL;
+    }
+    /* Internal snapshots, when the driver lists them (qemu's SnapshotInfo). */
+    json_t *snaps = json_object_get(drv, "snapshots");
+    if (json_is_array(snaps) && json_array_size(snaps) > 0) {
+        json_object_set(info, "snapshots", snaps);
     }
     if (bf && bfmt) {
         json_object_set_new(info, "backing-filename-format", json_string(bfmt));
@@ -127,6 +133,42 @@ static void dump_value(json_t *v, int indent)
     }
 }
 
+static long long jint(json_t *o, const char *k)
+{
+    return (long long)json_integer_value(json_object_get(o, k));
+}
+
+static void print_snapshots(json_t *snaps)
+{
+    size_t i;
+    json_t *sn;
+
+    printf("Snapshot list:\n");
+    printf("%-9s %-16s %8s%20s%13s%11s\n", "ID", "TAG", "VM SIZE", "DATE",
+           "VM CLOCK", "ICOUNT");
+    json_array_foreach(snaps, i, sn) {
+        char size[32], date[32] = "", clock[48], icount[32] = "";
+        time_t t = (time_t)jint(sn, "date-sec");
+        struct tm tm;
+        long long ns = jint(sn, "vm-clock-sec") * 1000000000LL + jint(sn, "vm-clock-nsec");
+        long long ms = ns / 1000000;
+
+        img_size_to_str(jint(sn, "vm-state-size"), size, sizeof(size));
+        if (localtime_r(&t, &tm)) {
+            strftime(date, sizeof(date), "%Y-%m-%d %H:%M:%S", &tm);
+        }
+        snprintf(clock, sizeof(clock), "%02lld:%02lld:%02lld.%03lld",
+                 ms / 3600000, (ms / 60000) % 60, (ms / 1000) % 60, ms % 1000);
+        if (json_object_get(sn, "icount")) {
+            snprintf(icount, sizeof(icount), "%lld", jint(sn, "icount"));
+        }
+        printf("%-9s %-16s %8s%20s%13s%11s\n",
+               json_string_value(json_object_get(sn, "id")),
+               json_string_value(json_object_get(sn, "name")), size, date, clock,
+               icount);
+    }
+}
+
 static void print_human(json_t *info)
 {
     char sz[64];
@@ -164,6 +206,10 @@ static void print_human(json_t *info)
         if (v) {
             printf("backing file format: %s\n", json_string_value(v));
         }
+    }
+    v = json_object_get(info, "snapshots");
+    if (json_is_array(v)) {
+        print_snapshots(v);
     }
     v = json_object_get(info, "format-specific");
     if (v) {

@@ -16,6 +16,38 @@ static int64_t min64(int64_t a, int64_t b)
     return a < b ? a : b;
 }
 
+/* Length from off that reads as zeroes both through the image's old chain
+ * and in the new backing file (0 if either has data there), or -1. */
+static int64_t zero_both(ImgImage *ov, ImgImage *nb, int64_t nb_size,
+                         int64_t off, int64_t bytes)
+{
+    int64_t pa = 0, pb = bytes, map;
+    LamNode *file;
+    int depth;
+    int st = lam_co_block_status_above(ov->root, NULL, off, bytes, &pa, &map,
+                                       &file, &depth);
+    if (st < 0) {
+        img_error("error while reading image metadata: %s", strerror(-st));
+        return -1;
+    }
+    if (!((st & LAM_BS_ZERO) || depth == 0) || pa <= 0) {
+        return 0;
+    }
+    if (nb && off < nb_size) {
+        st = lam_co_block_status_above(nb->root, NULL, off,
+                                       min64(bytes, nb_size - off), &pb, &map,
+                                       &file, &depth);
+        if (st < 0) {
+            img_error("error while reading image metadata: %s", strerror(-st));
+            return -1;
+        }
+        if (!((st & LAM_BS_ZERO) || depth == 0) || pb <= 0) {
+            return 0;
+        }
+    }
+    return min64(pa, pb);
+}
+
 /* Copies what differs between the old chain and the new backing. */
 static int copy_differences(ImgImage *ov, ImgImage *nb)
 {
@@ -45,7 +77,7 @@ static int copy_differences(ImgImage *ov, ImgImage *nb)
     for (int64_t off = 0; off < size;) {
         int64_t pnum = 0, map;
         LamNode *file;
-        int64_t want = min64(chunk - off % chunk, size - off);
+        int64_t want = min64(IMG_BIG_CHUNK, size - off);
         int st = lam_co_block_status(ov->root, off, want, &pnum, &map, &file);
         if (st < 0) {
             img_error("error while reading image metadata: %s", strerror(-st));
@@ -57,6 +89,17 @@ static int copy_differences(ImgImage *ov, ImgImage *nb)
         }
         if (st & LAM_BS_ALLOCATED) {
             off += pnum;
+            img_progress_set(off * 100.0 / size);
+            continue;
+        }
+        /* Both sides reading as zeroes need no comparison. */
+        int64_t zn = zero_both(ov, nb, nb_size, off, pnum);
+        if (zn < 0) {
+            ret = -1;
+            break;
+        }
+        if (zn > 0) {
+            off += zn;
             img_progress_set(off * 100.0 / size);
             continue;
         }

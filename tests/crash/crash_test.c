@@ -41,6 +41,7 @@ typedef struct Config {
     uint64_t seed;
     int random_per_interval;
     int max_random;
+    int drop_one;        /* single-loss cuts per flush interval */
     int qemu_every;      /* qemu check+read on every Nth random cut; 0 none */
     bool no_qemu;
     bool no_ours;        /* don't check/read with our driver */
@@ -52,13 +53,14 @@ typedef struct Config {
     const char *workdir;
     const char *keep_dir;
     const char *dump_log;
+    json_t *drv_opts;    /* extra options for the node under test */
     int reuse_every;     /* continue writing on every Nth cut's image; 0 never */
     int verbose;
     int max_report;
 } Config;
 
 typedef struct Stats {
-    int flush_cuts, random_cuts;
+    int flush_cuts, random_cuts, single_loss_cuts;
     int ours_checked, qemu_checked, ours_read, qemu_read;
     int corrupt_ours, corrupt_qemu;  /* images with corruptions */
     int open_failures, check_errors;
@@ -74,6 +76,8 @@ typedef struct Stats {
     int64_t final_file_size;
     /* qcow2 metadata growth, initial -> final (from the headers). */
     int64_t rt_clusters[2], refblocks[2], l2_tables[2];
+    /* The cleanly closed image, after the whole workload. */
+    int final_leaks_ours, final_leaks_qemu, final_corrupt;
 } Stats;
 
 typedef struct Ctx {
@@ -110,6 +114,8 @@ static void usage(void)
 "  --seed N                workload and cut seed (1)\n"
 "  --random-cuts N         random cuts per flush interval (2)\n"
 "  --max-random-cuts N     cap on random cuts (2000)\n"
+"  --single-loss N         per flush interval, up to N cuts that lose just\n"
+"                          one unflushed write and keep the rest (8)\n"
 "  --qemu-every N          qemu-img check/convert on every flush cut and\n"
 "                          every Nth random cut (1); 0: flush cuts only\n"
 "  --no-qemu               skip qemu-img entirely\n"
@@ -124,6 +130,8 @@ static void usage(void)
 "  --time-limit SECONDS    stop trying cuts after this long (0: none)\n"
 "  --workdir DIR           scratch directory (default: mkdtemp)\n"
 "  --keep-failures DIR     copy failing images there\n"
+"  --drv-opt KEY=VALUE      option for the node under test while recording,\n"
+"                          e.g. l2-cache-size=1024 to force cache evictions\n"
 "  --dump-log FILE         write the recorded file log (one entry a line)\n"
 "  --expect-failures       exit 0 only if failures were found (for\n"
 "                          testing the test with --cheat)\n"
@@ -155,13 +163,13 @@ static int parse_args(Config *c, int argc, char **argv)
         { "create", 1, 0, 'C' }, { "cheat", 1, 0, 'X' },
         { "time-limit", 1, 0, 't' }, { "workdir", 1, 0, 'w' },
         { "keep-failures", 1, 0, 'k' }, { "help", 0, 0, 'h' },
-        { "expect-failures", 0, 0, 'E' }, { "fill-max", 1, 0, 'F' }, { "no-ours", 0, 0, 'O' },
+        { "expect-failures", 0, 0, 'E' }, { "drv-opt", 1, 0, 'o' + 256 }, { "single-loss", 1, 0, 'L' }, { "fill-max", 1, 0, 'F' }, { "no-ours", 0, 0, 'O' },
         { "reference-qemu", 0, 0, 'P' }, { "reuse-every", 1, 0, 'U' }, { "dump-log", 1, 0, 'D' },
         { 0, 0, 0, 0 },
     };
     *c = (Config){ .fmt = "qcow2", .size = 8 << 20, .cluster = 512,
                    .refcount_bits = 16, .nops = 300, .seed = 1, .threads = 1,
-                   .random_per_interval = 2, .max_random = 2000,
+                   .random_per_interval = 2, .max_random = 2000, .drop_one = 8,
                    .qemu_every = 1, .max_report = 10, .reuse_every = 4 };
     int opt;
     while ((opt = getopt_long(argc, argv, "vh", lo, NULL)) != -1) {
@@ -189,6 +197,24 @@ static int parse_args(Config *c, int argc, char **argv)
         case 'w': c->workdir = optarg; break;
         case 'k': c->keep_dir = optarg; break;
         case 'E': c->expect_failures = true; break;
+        case 'o' + 256: {
+            char *eq = strchr(optarg, '=');
+            if (!eq) {
+                fprintf(stderr, "--drv-opt wants key=value\n");
+                return -1;
+            }
+            char *end;
+            long long v = strtoll(eq + 1, &end, 0);
+            if (!c->drv_opts) {
+                c->drv_opts = json_object();
+            }
+            char *key = strndup(optarg, (size_t)(eq - optarg));
+            json_object_set_new(c->drv_opts, key, *end || end == eq + 1 ?
+                                json_string(eq + 1) : json_integer(v));
+            free(key);
+            break;
+        }
+        case 'L': c->drop_one = atoi(optarg); break;
         case 'F': c->fill_max = parse_size(optarg); break;
         case 'O': c->no_ours = true; break;
         case 'P': c->ref_qemu = true; break;
@@ -222,6 +248,7 @@ static int parse_args(Config *c, int argc, char **argv)
         c->nops *= atoi(soak);
         c->random_per_interval *= atoi(soak);
         c->max_random *= atoi(soak);
+        c->drop_one *= atoi(soak);
     }
     return 0;
 }
@@ -286,6 +313,9 @@ static int record_workload(Ctx *x, CrashRec *rec)
     LamError *err = NULL;
     json_t *opts = json_pack("{s:s, s:{s:s, s:s}}", "driver", x->cfg.fmt,
                              "file", "driver", "recorder", "filename", rec->name);
+    if (x->cfg.drv_opts) {
+        json_object_update(opts, x->cfg.drv_opts);
+    }
     LamNode *bs = lam_node_open(opts, LAM_O_RDWR, &err);
     json_decref(opts);
     if (!bs) {
@@ -410,9 +440,14 @@ static bool should_report(Ctx *x)
 
 static void describe_cut(const Cut *c, int n, const char *what)
 {
-    fprintf(stderr, "FAIL cut %d (%s, barrier %zu, pos %zu, kept %d, dropped %d,"
-            " torn %d%s): %s\n", n, c->flush_cut ? "flush" : "random",
-            c->barrier, c->pos, c->kept, c->dropped, c->torn,
+    char lost[64] = "";
+    if (c->drop_only >= 0) {
+        snprintf(lost, sizeof(lost), " only log entry %ld lost,", c->drop_only);
+    }
+    fprintf(stderr, "FAIL cut %d (%s, barrier %zu, pos %zu,%s kept %d, dropped %d,"
+            " torn %d%s): %s\n", n,
+            c->flush_cut ? "flush" : c->drop_only >= 0 ? "single-loss" : "random",
+            c->barrier, c->pos, lost, c->kept, c->dropped, c->torn,
             c->dropped_flushed >= 0 ? ", cheat dropped a flushed write" : "",
             what);
 }
@@ -617,7 +652,38 @@ static int judge_cut(Ctx *x, Replay *rp, const Cut *c, int n, bool run_qemu)
         judge_reuse(x, c, n, run_qemu, &failed);
     }
     if (failed) {
-        keep_image(x, c->flush_cut ? "flush" : "random", n, rp->img, rp->img_len);
+        keep_image(x, c->flush_cut ? "flush" : c->drop_only >= 0 ? "single-loss" : "random",
+                   n, rp->img, rp->img_len);
+    }
+    return 0;
+}
+
+/* The image as the workload left it (closed cleanly): no corruption, and
+ * a driver should not leak clusters when nothing crashed. */
+static int judge_final(Ctx *x, const CrashRec *rec)
+{
+    int ret = write_file(x->cut_path, rec->buf, rec->len);
+    if (ret < 0) {
+        return ret;
+    }
+    CheckCounts cc = { 0 };
+    if (!x->cfg.no_ours) {
+        check_ours(x->cut_path, x->cfg.fmt, &cc);
+        x->st.final_leaks_ours = cc.leaks;
+        x->st.final_corrupt += cc.corruptions + cc.errors + cc.open_failed;
+        if (cc.corruptions || cc.errors || cc.open_failed) {
+            fprintf(stderr, "FAIL final image, our check: %s\n", cc.msg ? cc.msg : "");
+        }
+        free(cc.msg);
+    }
+    if (!x->cfg.no_qemu) {
+        check_qemu(x->cut_path, x->cfg.fmt, &cc);
+        x->st.final_leaks_qemu = cc.leaks;
+        x->st.final_corrupt += cc.corruptions + cc.errors + cc.open_failed;
+        if (cc.corruptions || cc.errors || cc.open_failed) {
+            fprintf(stderr, "FAIL final image, qemu-img check: %s\n", cc.msg ? cc.msg : "");
+        }
+        free(cc.msg);
     }
     return 0;
 }
@@ -645,7 +711,8 @@ static int run_cuts(Ctx *x, CrashRec *rec, const uint8_t *init, int64_t init_len
             x->st.time_limited = true;
             break;
         }
-        Cut c = { .barrier = barrier, .pos = barrier, .flush_cut = true };
+        Cut c = { .barrier = barrier, .pos = barrier, .flush_cut = true,
+                  .drop_only = -1 };
         ret = replay_build(&rp, &c, rng_next(&rng), x->cfg.cheat);
         if (ret == 0) {
             x->st.flush_cuts++;
@@ -656,24 +723,24 @@ static int run_cuts(Ctx *x, CrashRec *rec, const uint8_t *init, int64_t init_len
             continue;
         }
         /* Random cuts in (barrier, next]: sorted, so the durable prefix of
-         * the content model only grows. */
+         * the content model only grows; half of them at the next flush
+         * (the widest choice of subsets). */
         int k = x->cfg.random_per_interval;
         if (x->st.random_cuts + k > x->cfg.max_random) {
             k = x->cfg.max_random - x->st.random_cuts;
         }
-        if (k <= 0 || span == 0) {
+        if (span == 0) {
             continue;
         }
         size_t pos[64];
-        if (k > 64) {
-            k = 64;
-        }
+        k = k < 0 ? 0 : k > 64 ? 64 : k;
         for (int i = 0; i < k; i++) {
-            pos[i] = barrier + 1 + (size_t)rng_below(&rng, span);
+            pos[i] = rng_below(&rng, 2) ? next :
+                     barrier + 1 + (size_t)rng_below(&rng, span);
         }
         qsort(pos, (size_t)k, sizeof(pos[0]), cmp_size);
         for (int i = 0; i < k && ret == 0; i++) {
-            Cut rc = { .barrier = barrier, .pos = pos[i] };
+            Cut rc = { .barrier = barrier, .pos = pos[i], .drop_only = -1 };
             ret = replay_build(&rp, &rc, rng_next(&rng), x->cfg.cheat);
             if (ret == 0) {
                 x->st.random_cuts++;
@@ -682,7 +749,34 @@ static int run_cuts(Ctx *x, CrashRec *rec, const uint8_t *init, int64_t init_len
                 ret = judge_cut(x, &rp, &rc, n++, q);
             }
         }
-        if (x->cfg.verbose && bi % 50 == 0) {
+        /* Single-loss cuts, at the next flush (after the random ones, which
+         * are at or before it). */
+        size_t cand[4096];
+        size_t nc = 0;
+        for (size_t i = barrier; i < next && nc < 4096; i++) {
+            if (rec->log[i].type != CR_FLUSH) {
+                cand[nc++] = i;
+            }
+        }
+        int d = x->cfg.drop_one < (int)nc ? x->cfg.drop_one : (int)nc;
+        for (int i = 0; i < d; i++) {
+            size_t j = i + (size_t)rng_below(&rng, nc - (size_t)i);
+            size_t t = cand[i];
+            cand[i] = cand[j];
+            cand[j] = t;
+        }
+        for (int i = 0; i < d && ret == 0; i++) {
+            Cut sc = { .barrier = barrier, .pos = next, .drop_only = (long)cand[i] };
+            ret = replay_build(&rp, &sc, rng_next(&rng), x->cfg.cheat);
+            if (ret == 0) {
+                x->st.single_loss_cuts++;
+                bool q = !x->cfg.no_qemu && x->cfg.qemu_every > 0 &&
+                         (x->st.single_loss_cuts + x->st.random_cuts) %
+                         x->cfg.qemu_every == 0;
+                ret = judge_cut(x, &rp, &sc, n++, q);
+            }
+        }
+    if (x->cfg.verbose && bi % 50 == 0) {
             fprintf(stderr, "  barrier %zu/%zu, %d cuts, %.1fs\n", bi, nfl, n,
                     elapsed(x));
         }
@@ -697,6 +791,7 @@ static int failures(const Stats *s)
     return s->corrupt_ours + s->corrupt_qemu + s->open_failures +
            s->check_errors + s->durability_failures + s->read_failures +
            s->workload_failures + s->reuse_corrupt + s->reuse_mismatch +
+           s->final_corrupt +
            s->reuse_errors;
 }
 
@@ -720,8 +815,12 @@ static void summary(const Ctx *x)
                (long long)s->refblocks[0], (long long)s->refblocks[1],
                (long long)s->l2_tables[0], (long long)s->l2_tables[1]);
     }
-    printf("  cut points tried: %d (%d at flushes, %d random)%s\n",
-           s->flush_cuts + s->random_cuts, s->flush_cuts, s->random_cuts,
+    printf("  final image (closed cleanly): leaks ours %d, qemu-img %d;"
+           " corruptions/errors %d\n", s->final_leaks_ours, s->final_leaks_qemu,
+           s->final_corrupt);
+    printf("  cut points tried: %d (%d at flushes, %d random, %d single-loss)%s\n",
+           s->flush_cuts + s->random_cuts + s->single_loss_cuts, s->flush_cuts,
+           s->random_cuts, s->single_loss_cuts,
            s->time_limited ? " [time limit reached]" : "");
     printf("  checked by ours: %d, by qemu-img: %d; read back by ours: %d, by qemu-img: %d\n",
            s->ours_checked, s->qemu_checked, s->ours_read, s->qemu_read);
@@ -738,7 +837,8 @@ static void summary(const Ctx *x)
         "{s:s, s:I, s:i, s:i, s:i, s:i, s:i, s:i, s:i, s:i, s:i, s:i, s:i,"
         " s:i, s:i, s:i, s:i, s:b, s:b, s:I, s:I}",
         "format", x->cfg.fmt, "cluster_size", (json_int_t)x->cfg.cluster,
-        "cuts", s->flush_cuts + s->random_cuts, "flush_cuts", s->flush_cuts,
+        "cuts", s->flush_cuts + s->random_cuts + s->single_loss_cuts,
+        "flush_cuts", s->flush_cuts,
         "random_cuts", s->random_cuts, "ours_checked", s->ours_checked,
         "qemu_checked", s->qemu_checked, "ours_read", s->ours_read,
         "qemu_read", s->qemu_read, "corrupt_ours", s->corrupt_ours,
@@ -750,7 +850,11 @@ static void summary(const Ctx *x)
         x->cfg.cheat != CHEAT_NONE, "log_entries", (json_int_t)s->log_entries,
         "file_flushes", (json_int_t)s->file_flushes);
     json_object_set_new(j, "reuse_tried", json_integer(s->reuse_tried));
+    json_object_set_new(j, "single_loss_cuts", json_integer(s->single_loss_cuts));
     json_object_set_new(j, "final_file_size", json_integer(s->final_file_size));
+    json_object_set_new(j, "final_leaks_ours", json_integer(s->final_leaks_ours));
+    json_object_set_new(j, "final_leaks_qemu", json_integer(s->final_leaks_qemu));
+    json_object_set_new(j, "final_corrupt", json_integer(s->final_corrupt));
     json_object_set_new(j, "refcount_table_clusters",
                         json_pack("[I,I]", (json_int_t)s->rt_clusters[0],
                                   (json_int_t)s->rt_clusters[1]));
@@ -834,6 +938,10 @@ int main(int argc, char **argv)
     if (!rec) {
         goto out;
     }
+    /* Data, plus metadata even at 512-byte clusters with 64-bit refcounts,
+     * fits in 4x the guest size; far beyond that the driver is leaking
+     * space without bound. */
+    rec->max_len = 4 * x.img_size + (16 << 20);
     WorkloadParams wp = { .size = x.cfg.size, .cluster = x.cfg.cluster,
                           .nops = x.cfg.nops, .nthreads = x.cfg.threads,
                           .fill_max = x.cfg.fill_max,
@@ -877,6 +985,9 @@ int main(int argc, char **argv)
                 x.st.log_entries, x.st.file_flushes, elapsed(&x));
     }
 
+    if (judge_final(&x, rec) < 0) {
+        goto out;
+    }
     model_init(&x.model, &x.w, x.cfg.size, x.backing);
     if (run_cuts(&x, rec, init, init_len) < 0) {
         goto out_model;
@@ -896,5 +1007,6 @@ out:
     free(x.got);
     free(x.expect);
     rm_rf_workdir(dir, made);
+    json_decref(x.cfg.drv_opts);
     return status;
 }

@@ -103,7 +103,9 @@ static int log_and_apply(CrashRec *r, CrashEntry *e)
 static int record(CrashRec *r, CrashEntry *e)
 {
     pthread_mutex_lock(&r->lock);
-    int ret = log_and_apply(r, e);
+    int64_t end = e->type == CR_TRUNCATE ? e->off :
+                  e->type == CR_FLUSH ? 0 : e->off + e->len;
+    int ret = r->max_len && end > r->max_len ? -ENOSPC : log_and_apply(r, e);
     pthread_mutex_unlock(&r->lock);
     if (ret < 0) {
         free(e->data);

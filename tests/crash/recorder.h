@@ -50,6 +50,10 @@ typedef struct CrashRec {
     /* Counters for the summary (under lock). */
     uint64_t bytes_written;
     uint32_t align;    /* request_alignment announced by the node */
+    /* Writes/truncates that would grow the file beyond this fail with
+     * ENOSPC (0: no limit), so a driver that allocates without bound
+     * fails the test instead of eating the machine's memory. */
+    int64_t max_len;
 } CrashRec;
 
 /* Registers the driver with the core (idempotent). */

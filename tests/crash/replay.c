@@ -131,6 +131,18 @@ int replay_build(Replay *r, Cut *c, uint64_t seed, CheatMode cheat)
         return ret;
     }
 
+    if (c->drop_only >= 0) {
+        for (size_t i = c->barrier; i < c->pos && ret == 0; i++) {
+            if ((long)i == c->drop_only) {
+                c->dropped++;
+            } else if (modifies(&r->log[i])) {
+                c->kept++;
+                ret = crash_apply(&r->log[i], &r->img, &r->img_len, &r->img_cap);
+            }
+        }
+        return ret;
+    }
+
     /* The unflushed entries: each kept with probability 1/2 (some cuts
      * keep most, some lose most), a quarter of the kept ones torn at
      * sector boundaries, and applied in a random order. */

@@ -8,7 +8,8 @@
  * them a flush) may each be on disk, lost, or torn at sector boundaries,
  * and land in any order.
  *   flush cut:  p == B, nothing after the barrier survives;
- *   random cut: a random p in (B, next flush], a random subset.
+ *   random cut: a random p in (B, next flush], a random subset;
+ *   single-loss cut: p = next flush, everything but one entry.
  */
 #ifndef LAMINA_CRASH_REPLAY_H
 #define LAMINA_CRASH_REPLAY_H
@@ -28,6 +29,10 @@ typedef enum {
 typedef struct Cut {
     size_t barrier, pos;
     bool flush_cut;
+    /* >= 0: a single-loss cut: every entry in [barrier, pos) lands, in
+     * order, except this one.  The surest way to catch a missing flush
+     * between a write and one that depends on it. */
+    long drop_only;
     /* What was done to the entries in [barrier, pos). */
     int kept, dropped, torn;
     long dropped_flushed;  /* CHEAT_DROP_FLUSHED: log index lost, or -1 */

@@ -53,35 +53,81 @@ def assert_clean(s, p):
     # The test must have tried something meaningful.
     assert s["flush_cuts"] >= 10 and s["random_cuts"] >= 10, report
     assert s["ours_checked"] == s["cuts"], report
+    assert s["final_corrupt"] == 0, "the cleanly closed image is corrupt" + report
+    assert s["final_leaks_ours"] == 0 and s["final_leaks_qemu"] == 0, \
+        "the cleanly closed image leaks clusters" + report
     assert s["qemu_checked"] >= s["flush_cuts"], report
     if not s["time_limited"]:
         # Every flush of the file (plus the initial state) was a cut.
         assert s["flush_cuts"] == s["file_flushes"] + 1, report
 
 
-@pytest.mark.parametrize("cluster,refbits,size,ops", [
+@pytest.mark.parametrize("cluster,refbits,size,ops,extra", [
     # Small clusters: L2 tables and refcount blocks fill up quickly.
-    (512, 16, "8M", 260),
+    (512, 16, "4M", 80, []),
     # The common case.
-    (4096, 16, "32M", 220),
-    # 64-bit refcounts at 512 B clusters: one refcount block covers 32 KiB,
-    # so the refcount table itself has to grow during the workload.
-    (512, 64, "16M", 200),
-])
-def test_crash_qcow2(cluster, refbits, size, ops):
+    (4096, 16, "16M", 60, []),
+    # 32-bit refcounts at 512 B clusters with big sequential fills: one
+    # refcount block covers 64 KiB and the table 4 MiB of file, so the
+    # refcount table itself has to grow during the workload.
+    (512, 32, "8M", 50, ["--fill-max", "2M", "--qemu-every", 4]),
+    # 64-bit refcounts, small writes only (see the xfail test below).
+    (512, 64, "4M", 60, []),
+], ids=["c512", "c4k", "c512-rc32-table-growth", "c512-rc64"])
+def test_crash_qcow2(cluster, refbits, size, ops, extra):
     s, p = crash_run("--format", "qcow2", "--cluster-size", cluster,
                      "--refcount-bits", refbits, "--size", size,
                      "--ops", ops, "--seed", cluster + refbits,
-                     "--qemu-every", 2, time_limit=30)
+                     "--random-cuts", 1, "--qemu-every", 2, *extra,
+                     time_limit=20)
     assert_clean(s, p)
     assert p.returncode == 0, p.stdout + p.stderr[-4000:]
+
+
+def test_crash_qcow2_refcount_table_grows():
+    """The growth config really grows the refcount table (else the test
+    above would not cover that path)."""
+    s, p = crash_run("--format", "qcow2", "--cluster-size", 512,
+                     "--refcount-bits", 32, "--size", "8M", "--ops", 50,
+                     "--fill-max", "2M", "--seed", 544, "--max-random-cuts", 0,
+                     "--no-qemu", "--reuse-every", 0, time_limit=2)
+    assert s["refcount_table_clusters"][1] > s["refcount_table_clusters"][0], p.stdout
+    assert s["refcount_blocks"][1] > 8 and s["l2_tables"][1] > 50, p.stdout
+
+
+def test_crash_qcow2_threads():
+    """Four guest threads allocating concurrently in shared L2 tables and
+    refcount blocks; each thread's flushes make its own writes durable."""
+    s, p = crash_run("--format", "qcow2", "--cluster-size", 512, "--size", "8M",
+                     "--threads", 4, "--ops", 25, "--seed", 21,
+                     "--random-cuts", 1, "--qemu-every", 3, time_limit=15)
+    assert_clean(s, p)
+    assert p.returncode == 0, p.stdout + p.stderr[-4000:]
+
+
+@pytest.mark.xfail(strict=True, reason=(
+    "qcow2 driver bug (reported by the crash test, owner: qcow2): with "
+    "refcount_bits=64 a refcount block covers exactly as many clusters as "
+    "an L2 table (cluster_size/8); qc_alloc_clusters() wants a contiguous "
+    "free run of up to that many clusters, but ensure_refblock() puts each "
+    "new refcount block at the start of the region it covers, so such a run "
+    "never exists: every retry places another refcount block further on and "
+    "the file grows without bound (84 MB for 1.5 MB of guest data, then "
+    "ENOSPC/EFBIG).  Any aligned 32 KiB write at 512 B clusters triggers it."))
+def test_crash_qcow2_rc64_big_writes():
+    s, p = crash_run("--format", "qcow2", "--cluster-size", 512,
+                     "--refcount-bits", 64, "--size", "4M", "--ops", 40,
+                     "--fill-max", "64K", "--seed", 3, "--max-random-cuts", 0,
+                     "--qemu-every", 4, time_limit=4)
+    assert_clean(s, p)
+    assert p.returncode == 0
 
 
 def test_crash_qcow2_created_by_us():
     """Same, starting from an image our own create wrote."""
     s, p = crash_run("--format", "qcow2", "--create", "ours", "--cluster-size",
-                     1024, "--size", "8M", "--ops", 150, "--seed", 7,
-                     "--qemu-every", 3, time_limit=15)
+                     1024, "--size", "4M", "--ops", 60, "--seed", 7,
+                     "--random-cuts", 1, "--qemu-every", 3, time_limit=12)
     assert_clean(s, p)
     assert p.returncode == 0, p.stdout + p.stderr[-4000:]
 
@@ -91,9 +137,9 @@ def test_crash_detects_lost_flushed_write_qcow2():
     disk) must be caught: by check (metadata lost) or by read-back (data
     lost).  This proves the test above can fail."""
     s, p = crash_run("--format", "qcow2", "--cluster-size", 512, "--size", "4M",
-                     "--ops", 80, "--seed", 3, "--cheat", "drop-flushed",
-                     "--max-random-cuts", 40, "--qemu-every", 4,
-                     "--expect-failures", time_limit=15)
+                     "--ops", 40, "--seed", 3, "--cheat", "drop-flushed",
+                     "--max-random-cuts", 20, "--qemu-every", 4,
+                     "--reuse-every", 0, "--expect-failures", time_limit=10)
     found = (s["corrupt_ours"] + s["corrupt_qemu"] + s["durability_failures"]
              + s["open_failures"] + s["check_errors"])
     assert found > 0, p.stdout + p.stderr[-4000:]
@@ -105,8 +151,8 @@ def test_crash_reference_qemu_has_no_false_positives():
     captured by QEMU's blklogwrites filter: a driver known to be crash-safe
     must pass, so every failure the test reports against ours is real."""
     s, p = crash_run("--reference-qemu", "--no-ours", "--cluster-size", 512,
-                     "--size", "4M", "--ops", 60, "--seed", 11,
-                     "--qemu-every", 2, time_limit=15)
+                     "--size", "4M", "--ops", 40, "--seed", 11,
+                     "--random-cuts", 1, "--qemu-every", 2, time_limit=12)
     report = p.stdout + p.stderr[-4000:]
     assert p.returncode == 0, report
     assert s["corrupt_qemu"] == 0 and s["durability_failures"] == 0, report
@@ -115,9 +161,9 @@ def test_crash_reference_qemu_has_no_false_positives():
 
 def test_crash_reference_qemu_cheat_detected():
     s, p = crash_run("--reference-qemu", "--no-ours", "--cluster-size", 512,
-                     "--size", "4M", "--ops", 60, "--seed", 1,
-                     "--cheat", "drop-flushed", "--max-random-cuts", 30,
-                     "--expect-failures", time_limit=15)
+                     "--size", "4M", "--ops", 40, "--seed", 1,
+                     "--cheat", "drop-flushed", "--max-random-cuts", 20,
+                     "--expect-failures", time_limit=10)
     assert s["corrupt_qemu"] + s["durability_failures"] > 0, p.stdout
     assert p.returncode == 0
 

@@ -81,3 +81,24 @@ def test_commit_base_not_in_chain(tmp_path):
     p = lam("commit", "-b", "nonexist", top, check=False)
     assert p.returncode == 1
     assert "Did not find 'nonexist' in the backing chain" in p.stderr
+
+
+def test_commit_keeps_top_options(tmp_path):
+    base = str(tmp_path / "b.qcow2")
+    top = str(tmp_path / "t.qcow2")
+    qimg("create", "-q", "-f", "qcow2", base, "8M")
+    qimg("create", "-q", "-f", "qcow2", "-o",
+         "cluster_size=4k,lazy_refcounts=on,compression_type=zstd,refcount_bits=32",
+         "-b", "b.qcow2", "-F", "qcow2", top)
+    qio(top, "write -P 3 100k 300k")
+    before = jqimg("info", "--output=json", top)
+    want = flat(tmp_path, top, "want.raw")
+    p = lam("commit", "-p", top, text=False)
+    assert p.stdout.endswith(b"    (100.00/100%)\r\nImage committed.\n")
+    after = jqimg("info", "--output=json", top)
+    for k in ("cluster-size", "format-specific", "virtual-size", "backing-filename",
+              "backing-filename-format"):
+        assert before[k] == after[k], k
+    assert_qemu_clean(top)
+    assert_same_content(base, want, "qcow2", "raw")
+    assert_same_content(top, want, "qcow2", "raw")

@@ -130,3 +130,19 @@ def test_errors(tmp_path):
     p = lam("convert", "-O", "foo", src, tmp_path / "d", check=False)
     assert p.returncode == 1
     assert "Unknown file format 'foo'" in p.stderr
+
+
+def test_backing_B_not_in_source_chain(tmp_path):
+    # The new backing is a copy of mid, unrelated to the source's chain: only
+    # clusters whose content differs from it may be written.
+    base, mid, top = chain(str(tmp_path))
+    other = str(tmp_path / "other.qcow2")
+    qimg("convert", "-O", "qcow2", mid, other)
+    dst = str(tmp_path / "d.qcow2")
+    lam("convert", "-W", "-O", "qcow2", "-B", "other.qcow2", "-F", "qcow2", top, dst)
+    assert_qemu_clean(dst)
+    assert_same_content(top, dst)
+    m = jqimg("map", "--output=json", dst)
+    own = sum(e["length"] for e in m if e["depth"] == 0 and e["present"])
+    # top wrote 64k + 1M (zeroes) + 128k over mid.
+    assert 0 < own <= (64 << 10) + (1 << 20) + (128 << 10)

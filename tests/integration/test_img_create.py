@@ -114,3 +114,30 @@ def test_convert_odd_size(tmp_path):
         assert jqimg("info", "--output=json", dst)["virtual-size"] == 1000448
         p = qimg("compare", "-f", "raw", src, dst, check=False)
         assert p.returncode == 0, p.stdout
+
+
+def test_o_list_comma_escape_and_repeat(tmp_path):
+    qimg("create", "-q", "-f", "qcow2", tmp_path / "a,b.qcow2", "3M")
+    f = tmp_path / "t.qcow2"
+    p = lam("create", "-f", "qcow2", "-o", "backing_file=a,,b.qcow2",
+            "-o", "backing_fmt=qcow2,cluster_size=4k", f)
+    assert "backing_file=a,b.qcow2 backing_fmt=qcow2" in p.stdout
+    info = jqimg("info", "--output=json", f)
+    assert info["backing-filename"] == "a,b.qcow2"
+    assert info["cluster-size"] == 4096
+    assert info["virtual-size"] == 3 << 20
+
+
+@pytest.mark.parametrize("size,expect", [("512", 512), ("1k", 1024), ("2K", 2048),
+                                         ("1.5G", 3 << 29), ("1T", 1 << 40),
+                                         ("100b", 512)])
+def test_size_suffixes(tmp_path, size, expect):
+    f = tmp_path / "x.raw"
+    lam("create", "-q", "-f", "raw", f, size)
+    assert jqimg("info", "--output=json", "-f", "raw", f)["virtual-size"] == expect
+
+
+def test_o_help():
+    p = lam("create", "-f", "qcow2", "-o", "help", "x")
+    assert "cluster_size=<size>" in p.stdout
+    assert "refcount_bits=<num>" in p.stdout

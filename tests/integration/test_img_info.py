@@ -92,3 +92,12 @@ def test_dirty_lazy_refcounts(tmp_path):
     assert "cleanly shut down: no" in b
     assert a == b
     check_same(f)
+
+
+@pytest.mark.xfail(reason="needs the qcow2 driver to list internal snapshots "
+                   "in get_info (\"snapshots\", qemu's SnapshotInfo)", strict=False)
+def test_internal_snapshots_listed(tmp_path):
+    f = mixed_qcow2(str(tmp_path / "s.qcow2"))
+    qimg("snapshot", "-c", "snap1", f)
+    qimg("snapshot", "-c", "a much longer snapshot tag name", f)
+    check_same(f)

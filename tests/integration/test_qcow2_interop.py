@@ -311,3 +311,43 @@ def test_check_repairs_refcount_errors(tmp_path):
     assert json.loads(p.stdout)["corruptions-fixed"] >= 1
     assert_clean(img)
     qemu_io(img, "read -P 0x11 0 1M")
+
+
+def test_persistent_bitmaps_kept_consistent(tmp_path):
+    img = str(tmp_path / "bm.qcow2")
+    qemu_img("create", "-f", "qcow2", img, "16M")
+    qemu_io(img, "write 0 1M")
+    qemu_img("bitmap", "--add", img, "b0")
+    q = json.loads(qemu_img("info", "--output=json", img).stdout)
+    ours = json.loads(tool("-r", img, "info").stdout)
+    assert ours["format-specific"] == q["format-specific"]
+    # a read-write user that does not update bitmaps flags them in-use;
+    # their clusters stay accounted for
+    tool(img, "write:2M:1M:0x11")
+    assert_clean(img)
+    q = json.loads(qemu_img("info", "--output=json", img).stdout)
+    assert q["format-specific"]["data"]["bitmaps"][0]["flags"] == ["in-use", "auto"]
+    ours = json.loads(tool("-r", img, "info").stdout)
+    assert ours["format-specific"] == q["format-specific"]
+
+
+def test_check_copied_flag(tmp_path):
+    img = str(tmp_path / "f.qcow2")
+    qemu_img("create", "-f", "qcow2", img, "4M")
+    qemu_io(img, "write -P 0x11 0 64k")
+    with open(img, "r+b") as f:
+        hdr = f.read(104)
+        l1 = int.from_bytes(hdr[40:48], "big")
+        f.seek(l1)
+        l2 = int.from_bytes(f.read(8), "big") & 0x00fffffffffffe00
+        f.seek(l2)
+        e = int.from_bytes(f.read(8), "big")
+        f.seek(l2)
+        f.write((e & ~(1 << 63)).to_bytes(8, "big"))   # refcount 1 but no COPIED
+    assert qemu_check(img)["corruptions"] >= 1
+    p = tool("-r", img, "check", check=False)
+    assert p.returncode == 2 and "ERROR OFLAG_COPIED data cluster" in p.stderr
+    p = tool("-c", img, "check:all", check=False)
+    assert p.returncode == 0, p.stderr
+    assert_clean(img)
+    qemu_io(img, "read -P 0x11 0 64k")

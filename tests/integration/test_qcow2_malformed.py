@@ -68,7 +68,7 @@ def test_runtime_corruption_marks_image(all_cases, tmp_path):
     gen_qcow2.patch(base, path, gen_qcow2.l2_entry_offset(base, 16), ">Q",
                     (1 << 63) | (1 << 45))
     p = run_case(path, [], ["read:1M:4096:0x5a"])
-    assert "Marking image as corrupt" in p.stderr
+    assert "Marking image '%s' as corrupt" % path in p.stderr
     p = run_case(path, [], ["info"])
     assert p.returncode == 1 and "Image is corrupt; cannot be opened read/write" in p.stderr
     p = run_case(path, ["-r"], ["info"])

@@ -149,6 +149,14 @@ def make_all(d):
     patch(b, p, l1_off, ">Q", l1e + 0x200)
     cases.append(("l1-entry-unaligned", p, ["-r"], ["read:0:4096:0x63"],
                   "Input/output error"))
+    p = os.path.join(d, "l2-entry-into-l1.qcow2")
+    patch(b, p, e1, ">Q", (1 << 63) | l1_off)
+    cases.append(("l2-entry-into-l1", p, [], ["write:1M:512:1"],
+                  "Preventing invalid write on metadata (overlaps with active L1 table)"))
+    p = os.path.join(d, "l2-entry-into-header.qcow2")
+    patch(b, p, e1, ">Q", (1 << 63) | 0)
+    patch(p, p, e1, ">Q", (1 << 63) | 0x200)   # header cluster, unaligned: caught on read too
+    cases.append(("l2-entry-into-header", p, [], ["write:1M:512:1"], "Input/output error"))
     rt_off = struct.unpack_from(">Q", h, 48)[0]
     p = os.path.join(d, "refblock-beyond-eof.qcow2")
     patch(b, p, rt_off, ">Q", 1 << 44)

@@ -67,11 +67,15 @@ static int entry_write(Qcow2State *s, Qcow2Cache *c, Qcow2CacheEntry *e)
         return 0;
     }
     if (c->is_l2) {
+        bool rb_dirty = false;
+        for (int i = 0; i < s->rb_cache->n; i++) {
+            rb_dirty |= s->rb_cache->e[i].dirty;
+        }
         int ret = qc_cache_writeback(s, s->rb_cache);
         if (ret < 0) {
             return ret;
         }
-        if (s->l2_needs_flush) {
+        if (s->l2_needs_flush || rb_dirty) {
             ret = lam_co_flush(s->file);
             if (ret < 0) {
                 return ret;

@@ -418,6 +418,9 @@ static int compare(Ck *c, bool fix_leaks)
             c->res->check_errors++;
             continue;
         }
+        if (rc) {
+            highest = ci; /* leaked clusters still end the image */
+        }
         if (rc == c->refs[ci]) {
             continue;
         }
@@ -438,6 +441,75 @@ static int compare(Ck *c, bool fix_leaks)
     }
     c->res->image_end_offset = (highest + 1) << s->cluster_bits;
     return errors;
+}
+
+/* The COPIED flag of active L1/L2 entries must say "refcount is one";
+ * the write path trusts it for in-place writes (I3). */
+static void check_copied(Ck *c, bool fix)
+{
+    Qcow2State *s = c->s;
+    uint8_t *buf = malloc(s->cluster_size);
+    if (!buf) {
+        c->res->check_errors++;
+        return;
+    }
+    for (uint32_t i = 0; i < s->l1_size; i++) {
+        uint64_t l2off = s->l1[i] & QCOW2_L1_OFFSET_MASK;
+        uint64_t rc;
+        if (!l2off || (l2off & (s->cluster_size - 1)) || (int64_t)l2off >= s->file_end ||
+            qc_get_refcount(s, (int64_t)l2off >> s->cluster_bits, &rc) < 0) {
+            continue;
+        }
+        if ((rc == 1) != ((s->l1[i] & QCOW2_OFLAG_COPIED) != 0)) {
+            msg(c, "%s OFLAG_COPIED L2 cluster: l1_index=%u l1_entry=%" PRIx64 " refcount=%" PRIu64,
+                fix ? "Repairing" : "ERROR", i, s->l1[i], rc);
+            if (fix) {
+                s->l1[i] ^= QCOW2_OFLAG_COPIED;
+                if (qc_write_l1_entry(s, i) == 0) {
+                    c->res->corruptions_fixed++;
+                } else {
+                    c->res->check_errors++;
+                }
+            } else {
+                c->res->corruptions++;
+            }
+        }
+        if (lam_co_pread(s->file, (int64_t)l2off, s->cluster_size, buf, 0) < 0) {
+            c->res->check_errors++;
+            continue;
+        }
+        bool dirty = false;
+        for (int64_t j = 0; j < s->l2_entries; j++) {
+            uint64_t e = qbe64(buf + 8 * j);
+            Qcow2ClusterType t = qc_entry_type(s, e);
+            uint64_t off = e & QCOW2_L2_OFFSET_MASK;
+            if ((t != QC_NORMAL && t != QC_ZERO_ALLOC) || (off & (s->cluster_size - 1)) ||
+                (int64_t)off >= s->file_end || qc_get_refcount(s, (int64_t)off >> s->cluster_bits, &rc) < 0) {
+                continue;
+            }
+            if ((rc == 1) != ((e & QCOW2_OFLAG_COPIED) != 0)) {
+                msg(c, "%s OFLAG_COPIED data cluster: l2_entry=%" PRIx64 " refcount=%" PRIu64,
+                    fix ? "Repairing" : "ERROR", e, rc);
+                if (fix) {
+                    qst64(buf + 8 * j, e ^ QCOW2_OFLAG_COPIED);
+                    dirty = true;
+                    c->res->corruptions_fixed++;
+                } else {
+                    c->res->corruptions++;
+                }
+            }
+        }
+        if (dirty) {
+            qc_cache_discard(s->l2_cache, l2off);
+            if (lam_co_pwrite(s->file, (int64_t)l2off, s->cluster_size, buf, 0) < 0) {
+                c->res->check_errors++;
+            }
+        }
+    }
+    free(buf);
+    if (fix) {
+        lam_co_flush(s->file);
+    }
 }
 
 int qc_check_state(Qcow2State *s, LamCheckResult *res, LamCheckMode mode)
@@ -500,6 +572,7 @@ int qc_check_state(Qcow2State *s, LamCheckResult *res, LamCheckMode mode)
     }
     count_refcount_structs(&c);
     compare(&c, can_fix && (mode & (LAM_FIX_LEAKS | LAM_FIX_ERRORS)));
+    check_copied(&c, can_fix && (mode & LAM_FIX_ERRORS));
     if (can_fix && res->leaks_fixed) {
         if (qc_flush_metadata(s) < 0 || lam_co_flush(s->file) < 0) {
             res->check_errors++;

@@ -41,9 +41,19 @@ static int parse_opts(json_t *o, CreateOpts *c, bool need_size, LamError **errp)
     c->backing = lam_opt_str(o, "backing-file", NULL);
     c->backing_fmt = lam_opt_str(o, "backing-fmt", NULL);
     const char *ct = lam_opt_str(o, "compression-type", "zlib");
+    bool extl2 = lam_opt_bool(o, "extended-l2", false, &local);
     if (local) {
         lam_error_propagate(errp, local);
         return -EINVAL;
+    }
+    if (extl2) {
+        lam_error_setg(errp, "Extended L2 entries are not supported");
+        return -ENOTSUP;
+    }
+    if (json_object_get(o, "data-file") || json_object_get(o, "encrypt")) {
+        lam_error_setg(errp, "%s is not supported",
+                       json_object_get(o, "data-file") ? "External data file" : "Encryption");
+        return -ENOTSUP;
     }
     if (need_size && c->size < 0) {
         lam_error_setg(errp, "Parameter 'size' is missing");
@@ -336,6 +346,9 @@ int qc_measure(json_t *fmt_opts, LamNode *in, int64_t size, LamMeasure *out,
         lam_root_detach(root);
     }
     out->fully_allocated = full_size(c.size, cs, c.refcount_order);
+    if (c.prealloc == LAM_PREALLOC_FALLOC || c.prealloc == LAM_PREALLOC_FULL) {
+        required = vsize; /* the data is written or reserved up front */
+    }
     out->required = out->fully_allocated - vsize + required;
     return 0;
 }
@@ -386,11 +399,17 @@ int qc_truncate(LamNode *bs, int64_t size, bool exact, LamPrealloc prealloc,
     if (size < old) {
         bool alloc;
         ret = tail_allocated(s, qc_align_up(size, cs), qc_align_up(old, cs), &alloc);
-        if (ret == 0 && alloc) {
+        if (ret == 0 && alloc && !exact) {
             pthread_mutex_unlock(&s->lock);
             lam_error_setg(errp, "Could not shrink '%s': the area beyond the new size is allocated",
                            s->name);
             return -ENOTSUP;
+        }
+        if (ret == 0 && alloc) {
+            /* qemu-img resize --shrink: the data beyond the end goes. */
+            pthread_mutex_unlock(&s->lock);
+            ret = qc_deallocate(s, qc_align_up(size, cs), qc_align_up(old, cs) - qc_align_up(size, cs));
+            pthread_mutex_lock(&s->lock);
         }
     } else if (size > old) {
         int64_t l2_span = cs << s->l2_bits;

@@ -93,6 +93,18 @@ void qc_wait_grace(Qcow2State *s, int64_t a, int64_t b, uint64_t seq)
     }
 }
 
+/* The part [pos, pos+len) of qiov: qiov itself when that is all of it
+ * (the common case: no allocation on the fast path). */
+static LamIOV *sub_iov(LamIOV *sub, LamIOV *qiov, size_t pos, int64_t len)
+{
+    if (pos == 0 && (size_t)len == qiov->size) {
+        return qiov;
+    }
+    lam_iov_init(sub, qiov->niov + 1);
+    lam_iov_concat(sub, qiov, pos, (size_t)len);
+    return sub;
+}
+
 /* ---- reading ---- */
 
 static int read_backing(Qcow2State *s, int64_t off, int64_t len, LamIOV *qiov,
@@ -192,13 +204,13 @@ int qc_preadv(LamNode *bs, int64_t off, int64_t bytes, LamIOV *qiov, int flags)
             lam_iov_memset(qiov, pos, 0, (size_t)run);
             break;
         case QC_NORMAL: {
-            LamIOV sub;
-            lam_iov_init(&sub, 4);
-            lam_iov_concat(&sub, qiov, pos, (size_t)run);
+            LamIOV sub, *v = sub_iov(&sub, qiov, pos, run);
             ret = lam_co_preadv(s->file,
                                 (int64_t)(entry & QCOW2_L2_OFFSET_MASK) + (off & (s->cluster_size - 1)),
-                                run, &sub, 0);
-            lam_iov_destroy(&sub);
+                                run, v, 0);
+            if (v == &sub) {
+                lam_iov_destroy(&sub);
+            }
             break;
         }
         case QC_COMPRESSED:
@@ -436,6 +448,24 @@ out:
     return ret;
 }
 
+/* A data write must never land on the header, the active L1 table or
+ * the refcount table (QEMU's constant overlap checks). */
+static const char *overlaps_metadata(Qcow2State *s, int64_t host, int64_t len)
+{
+    int64_t l1 = (int64_t)s->l1_offset, l1_end = l1 + (int64_t)s->l1_size * 8;
+    int64_t rt = (int64_t)s->rt_offset, rt_end = rt + (int64_t)s->rt_clusters * s->cluster_size;
+    if (host < s->cluster_size) {
+        return "qcow2_header";
+    }
+    if (host < l1_end && l1 < host + len) {
+        return "active L1 table";
+    }
+    if (host < rt_end && rt < host + len) {
+        return "refcount table";
+    }
+    return NULL;
+}
+
 int qc_pwritev(LamNode *bs, int64_t off, int64_t bytes, LamIOV *qiov, int flags)
 {
     Qcow2State *s = bs->opaque;
@@ -443,10 +473,28 @@ int qc_pwritev(LamNode *bs, int64_t off, int64_t bytes, LamIOV *qiov, int flags)
         return s->read_only ? -EACCES : -EIO;
     }
     if (flags & LAM_REQ_WRITE_COMPRESSED) {
-        int ret = write_compressed(s, off, bytes, qiov);
-        if (ret <= 0) {
-            return ret;
+        /* Cluster by cluster; a cluster that does not shrink is written
+         * normally. */
+        int64_t cs = s->cluster_size;
+        if ((off & (cs - 1)) || ((bytes & (cs - 1)) && off + bytes != atomic_load(&s->size))) {
+            return -EINVAL;
         }
+        for (int64_t done = 0; done < bytes;) {
+            int64_t n = bytes - done < cs ? bytes - done : cs;
+            LamIOV sub;
+            lam_iov_init(&sub, 4);
+            lam_iov_concat(&sub, qiov, (size_t)done, (size_t)n);
+            int ret = write_compressed(s, off + done, n, &sub);
+            if (ret == 1) {
+                ret = qc_pwritev(bs, off + done, n, &sub, flags & ~LAM_REQ_WRITE_COMPRESSED);
+            }
+            lam_iov_destroy(&sub);
+            if (ret < 0) {
+                return ret;
+            }
+            done += n;
+        }
+        return 0;
     }
     size_t pos = 0;
     int ret = 0;
@@ -456,16 +504,27 @@ int qc_pwritev(LamNode *bs, int64_t off, int64_t bytes, LamIOV *qiov, int flags)
         Qcow2Inflight e;
         pthread_mutex_lock(&s->lock);
         int type = qc_lookup(s, off, bytes, &run, &entry);
+        const char *meta = NULL;
+        if (type == QC_NORMAL && (entry & QCOW2_OFLAG_COPIED)) {
+            meta = overlaps_metadata(s, (int64_t)(entry & QCOW2_L2_OFFSET_MASK),
+                                     qc_align_up((off & (s->cluster_size - 1)) + run, s->cluster_size));
+            if (meta) {
+                qc_signal_corruption(s, (int64_t)(entry & QCOW2_L2_OFFSET_MASK), s->cluster_size,
+                                     "Preventing invalid write on metadata (overlaps with %s)",
+                                     meta);
+                type = -EIO;
+            }
+        }
         if (type == QC_NORMAL && (entry & QCOW2_OFLAG_COPIED)) {
             inflight_add(s, &e, off, run, QC_INFLIGHT_IO);
             pthread_mutex_unlock(&s->lock);
-            LamIOV sub;
-            lam_iov_init(&sub, 4);
-            lam_iov_concat(&sub, qiov, pos, (size_t)run);
+            LamIOV sub, *v = sub_iov(&sub, qiov, pos, run);
             ret = lam_co_pwritev(s->file,
                                  (int64_t)(entry & QCOW2_L2_OFFSET_MASK) + (off & (s->cluster_size - 1)),
-                                 run, &sub, 0);
-            lam_iov_destroy(&sub);
+                                 run, v, 0);
+            if (v == &sub) {
+                lam_iov_destroy(&sub);
+            }
             pthread_mutex_lock(&s->lock);
             inflight_del(s, &e);
         } else if (type >= 0) {
@@ -495,7 +554,7 @@ int qc_pwritev(LamNode *bs, int64_t off, int64_t bytes, LamIOV *qiov, int flags)
 
 /* ---- zeroing and discard ---- */
 
-enum { ZAP_ZERO, ZAP_ZERO_UNMAP, ZAP_DISCARD };
+enum { ZAP_ZERO, ZAP_ZERO_UNMAP, ZAP_DISCARD, ZAP_DEALLOC };
 
 /* Changes the entries of whole clusters in [off, off+bytes). */
 static int zap_clusters(Qcow2State *s, int64_t off, int64_t bytes, int mode)
@@ -513,8 +572,8 @@ static int zap_clusters(Qcow2State *s, int64_t off, int64_t bytes, int mode)
             return type;
         }
         /* Nothing to do where the result already reads right. */
-        bool skip = (type == QC_UNALLOC && !backing) ||
-                    (type == QC_ZERO_PLAIN && mode != ZAP_DISCARD) ||
+        bool skip = (type == QC_UNALLOC && (!backing || mode == ZAP_DEALLOC)) ||
+                    (type == QC_ZERO_PLAIN && mode != ZAP_DISCARD && mode != ZAP_DEALLOC) ||
                     (type == QC_ZERO_ALLOC && mode == ZAP_ZERO);
         if (!skip) {
             inflight_add(s, &e, off, run, QC_INFLIGHT_ALLOC);
@@ -535,7 +594,9 @@ static int zap_clusters(Qcow2State *s, int64_t off, int64_t bytes, int mode)
                 int64_t idx = (c0 + i) & (s->l2_entries - 1);
                 uint64_t old = qbe64(t + 8 * idx), ne;
                 Qcow2ClusterType ot = qc_entry_type(s, old);
-                if (mode == ZAP_DISCARD) {
+                if (mode == ZAP_DEALLOC) {
+                    ne = 0;
+                } else if (mode == ZAP_DISCARD) {
                     ne = backing && s->version >= 3 ? QCOW2_OFLAG_ZERO : 0;
                 } else if (s->version < 3) {
                     ne = 0; /* v2 without backing: unallocated reads zero */
@@ -650,6 +711,11 @@ int qc_pwrite_zeroes(LamNode *bs, int64_t off, int64_t bytes, int flags)
         ret = zero_as_data(s, b, off + bytes - b);
     }
     return ret;
+}
+
+int qc_deallocate(Qcow2State *s, int64_t off, int64_t bytes)
+{
+    return zap_clusters(s, off, bytes, ZAP_DEALLOC);
 }
 
 int qc_pdiscard(LamNode *bs, int64_t off, int64_t bytes)

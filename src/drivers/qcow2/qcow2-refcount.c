@@ -51,13 +51,13 @@ int qc_refcount_load_table(Qcow2State *s, LamError **errp)
     s->rt = calloc(s->rt_entries ? s->rt_entries : 1, sizeof(uint64_t));
     if (!buf || !s->rt) {
         free(buf);
-        lam_error_setg(errp, "Could not open '%s': Cannot allocate memory", s->name);
+        lam_error_setg(errp, "Cannot allocate memory");
         return -ENOMEM;
     }
     int ret = bytes ? lam_co_pread(s->file, (int64_t)s->rt_offset, (int64_t)bytes, buf, 0) : 0;
     if (ret < 0) {
         free(buf);
-        lam_error_setg_errno(errp, ret, "Could not open '%s': Could not read refcount table", s->name);
+        lam_error_setg_errno(errp, ret, "Could not read refcount table");
         return ret;
     }
     for (int64_t i = 0; i < s->rt_entries; i++) {
@@ -500,6 +500,12 @@ int64_t qc_alloc_bytes(Qcow2State *s, int64_t len)
         int64_t cl = qc_start_of_cluster(s, s->free_byte_offset);
         if (s->free_byte_offset + len <= cl + cs) {
             int ret = qc_update_refcount(s, cl, 1, 1);
+            if (ret == -ERANGE) {
+                /* Refcount at its maximum (e.g. 1-bit refcounts): start
+                 * a new cluster instead of sharing this one. */
+                s->free_byte_offset = 0;
+                goto fresh;
+            }
             if (ret < 0) {
                 return ret;
             }
@@ -509,6 +515,7 @@ int64_t qc_alloc_bytes(Qcow2State *s, int64_t len)
             return off;
         }
     }
+fresh:;
     int64_t off = qc_alloc_clusters(s, 1);
     if (off < 0) {
         return off;

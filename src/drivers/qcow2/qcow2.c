@@ -67,8 +67,8 @@ void qc_signal_corruption(Qcow2State *s, int64_t offset, int64_t size,
     bool fatal = !s->read_only;
     bool was = atomic_exchange(&s->corrupt, true);
     if (!was && fatal) {
-        lam_warn("qcow2: Marking image as corrupt: %s; further corruption events will be suppressed",
-                 msg);
+        lam_warn("qcow2: Marking image '%s' as corrupt: %s; further corruption events will be suppressed",
+                 s->name, msg);
         if (s->version >= 3) {
             s->incompat |= QCOW2_INCOMPAT_CORRUPT;
             if (qc_write_header_field(s, 72, 8, s->incompat) == 0) {
@@ -264,7 +264,9 @@ typedef struct Hdr {
     uint32_t crypt;
 } Hdr;
 
-#define FAIL(fmt, ...) do { lam_error_setg(errp, "Could not open '%s': " fmt, s->name, ##__VA_ARGS__); ret = -EINVAL; goto fail; } while (0)
+/* Open errors carry the bare reason, as QEMU's do: blockdev-add shows it
+ * as is and the tools prefix "Could not open 'file': ". */
+#define FAIL(...) do { lam_error_setg(errp, __VA_ARGS__); ret = -EINVAL; goto fail; } while (0)
 
 static int read_extensions(Qcow2State *s, const uint8_t *c0, int64_t end,
                            LamNode *bs, LamError **errp)
@@ -350,7 +352,7 @@ static int check_snapshots(Qcow2State *s, int64_t file_len, LamError **errp)
     ret = lam_co_pread(s->file, (int64_t)s->snapshots_offset, avail, t, 0);
     if (ret < 0) {
         free(t);
-        lam_error_setg_errno(errp, ret, "Could not open '%s': Could not read snapshot table", s->name);
+        lam_error_setg_errno(errp, ret, "Could not read snapshot table");
         return ret;
     }
     int64_t p = 0;
@@ -380,6 +382,36 @@ fail:
 
 static void free_state(Qcow2State *s);
 
+/* Persistent bitmaps are not updated by this driver: on a read-write open
+ * they are flagged in-use (inconsistent), which keeps their clusters
+ * accounted for, as QEMU does for bitmaps it cannot store back. */
+static int mark_bitmaps_in_use(Qcow2State *s)
+{
+    int64_t sz = (int64_t)s->bitmaps_dir_size;
+    if (!s->has_bitmaps_ext || sz <= 0 || sz > 64 * 1024 * 1024 ||
+        (s->bitmaps_dir_offset & (s->cluster_size - 1)) ||
+        (int64_t)s->bitmaps_dir_offset + sz > s->file_end) {
+        return -EINVAL;
+    }
+    uint8_t *d = malloc(sz);
+    if (!d) {
+        return -ENOMEM;
+    }
+    int ret = lam_co_pread(s->file, (int64_t)s->bitmaps_dir_offset, sz, d, 0);
+    for (int64_t p = 0; ret == 0 && p + 24 <= sz;) {
+        qst32(d + p + 12, qbe32(d + p + 12) | 1);
+        p += qc_align_up(24 + (int64_t)qbe32(d + p + 20) + qbe16(d + p + 18), 8);
+    }
+    if (ret == 0) {
+        ret = lam_co_pwrite(s->file, (int64_t)s->bitmaps_dir_offset, sz, d, 0);
+    }
+    if (ret == 0) {
+        ret = lam_co_flush(s->file);
+    }
+    free(d);
+    return ret;
+}
+
 static int qcow2_open(LamNode *bs, json_t *opts, int flags, LamError **errp)
 {
     Qcow2State *s = bs->opaque;
@@ -400,7 +432,7 @@ static int qcow2_open(LamNode *bs, json_t *opts, int flags, LamError **errp)
     s->read_only = !(flags & LAM_O_RDWR);
     int64_t file_len = lam_node_length(s->file->node);
     if (file_len < 0) {
-        lam_error_setg_errno(errp, (int)file_len, "Could not open '%s'", s->name);
+        lam_error_setg_errno(errp, (int)file_len, "Could not get the size of the image file");
         ret = (int)file_len;
         goto fail;
     }
@@ -411,7 +443,7 @@ static int qcow2_open(LamNode *bs, json_t *opts, int flags, LamError **errp)
     }
     ret = lam_co_pread(s->file, 0, file_len < 112 ? file_len : 112, h, 0);
     if (ret < 0) {
-        lam_error_setg_errno(errp, ret, "Could not open '%s': Could not read qcow2 header", s->name);
+        lam_error_setg_errno(errp, ret, "Could not read qcow2 header");
         goto fail;
     }
     if (qbe32(h) != QCOW2_MAGIC) {
@@ -465,7 +497,7 @@ static int qcow2_open(LamNode *bs, json_t *opts, int flags, LamError **errp)
     }
     ret = lam_co_pread(s->file, 0, c0len, c0, 0);
     if (ret < 0) {
-        lam_error_setg_errno(errp, ret, "Could not open '%s': Could not read qcow2 header", s->name);
+        lam_error_setg_errno(errp, ret, "Could not read qcow2 header");
         goto fail;
     }
     memcpy(s->header_raw, c0, s->header_length);
@@ -595,7 +627,7 @@ static int qcow2_open(LamNode *bs, json_t *opts, int flags, LamError **errp)
         }
         free(buf);
         if (ret < 0) {
-            lam_error_setg_errno(errp, ret, "Could not open '%s': Could not read L1 table", s->name);
+            lam_error_setg_errno(errp, ret, "Could not read L1 table");
             goto fail;
         }
     }
@@ -634,25 +666,29 @@ static int qcow2_open(LamNode *bs, json_t *opts, int flags, LamError **errp)
                 ret = -EIO;
             }
             if (ret < 0) {
-                lam_error_setg_errno(errp, ret, "Could not open '%s': Could not repair dirty image", s->name);
+                lam_error_setg_errno(errp, ret, "Could not repair dirty image");
                 goto fail;
             }
             ret = mark_clean(s);
             if (ret < 0) {
-                lam_error_setg_errno(errp, ret, "Could not open '%s': Could not update header", s->name);
+                lam_error_setg_errno(errp, ret, "Could not update header");
                 goto fail;
             }
         }
-        if (s->autoclear) {
-            /* We maintain none of the auto-clear features (bitmaps): clear
-             * them before writing, as the specification demands. */
-            s->autoclear = 0;
-            ret = qc_write_header_field(s, 88, 8, 0);
+        uint64_t keep = 0;
+        if ((s->autoclear & QCOW2_AUTOCLEAR_BITMAPS) && mark_bitmaps_in_use(s) == 0) {
+            keep = QCOW2_AUTOCLEAR_BITMAPS;
+        }
+        if (s->autoclear & ~keep) {
+            /* Auto-clear features we do not maintain are cleared before
+             * writing, as the specification demands. */
+            s->autoclear &= keep;
+            ret = qc_write_header_field(s, 88, 8, s->autoclear);
             if (ret == 0) {
                 ret = lam_co_flush(s->file);
             }
             if (ret < 0) {
-                lam_error_setg_errno(errp, ret, "Could not open '%s': Could not update header", s->name);
+                lam_error_setg_errno(errp, ret, "Could not update header");
                 goto fail;
             }
         }
@@ -744,6 +780,45 @@ static void qcow2_refresh_limits(LamNode *bs)
     bs->bl.opt_transfer = (uint32_t)s->cluster_size;
 }
 
+/* The bitmap directory as qemu-img info shows it (NULL if none). */
+static json_t *bitmaps_info(Qcow2State *s)
+{
+    int64_t sz = (int64_t)s->bitmaps_dir_size;
+    if (!s->has_bitmaps_ext || !(s->autoclear & QCOW2_AUTOCLEAR_BITMAPS) || sz <= 0 ||
+        sz > 64 * 1024 * 1024 || (int64_t)s->bitmaps_dir_offset + sz > s->file_end) {
+        return NULL;
+    }
+    uint8_t *d = malloc(sz);
+    if (!d || lam_co_pread(s->file, (int64_t)s->bitmaps_dir_offset, sz, d, 0) < 0) {
+        free(d);
+        return NULL;
+    }
+    json_t *list = json_array();
+    for (int64_t p = 0; p + 24 <= sz;) {
+        uint32_t flags = qbe32(d + p + 12);
+        uint16_t nlen = qbe16(d + p + 18);
+        int64_t name_off = p + 24 + qbe32(d + p + 20);
+        if (name_off + nlen > sz || d[p + 17] > 63) {
+            break;
+        }
+        json_t *f = json_array();
+        if (flags & 1) {
+            json_array_append_new(f, json_string("in-use"));
+        }
+        if (flags & 2) {
+            json_array_append_new(f, json_string("auto"));
+        }
+        char *name = strndup((const char *)d + name_off, nlen);
+        json_array_append_new(list, json_pack("{s:o, s:s, s:I}", "flags", f, "name",
+                                              name ? name : "", "granularity",
+                                              (json_int_t)(1ll << d[p + 17])));
+        free(name);
+        p = qc_align_up(name_off + nlen, 8);
+    }
+    free(d);
+    return list;
+}
+
 static int qcow2_get_info(LamNode *bs, json_t *out, LamError **errp)
 {
     Qcow2State *s = bs->opaque;
@@ -764,6 +839,10 @@ static int qcow2_get_info(LamNode *bs, json_t *out, LamError **errp)
         json_object_set_new(data, "compression-type",
                             json_string(s->compression_type ? "zstd" : "zlib"));
         json_object_set_new(data, "lazy-refcounts", json_boolean(s->lazy_refcounts));
+        json_t *bm = bitmaps_info(s);
+        if (bm) {
+            json_object_set_new(data, "bitmaps", bm);
+        }
         json_object_set_new(data, "refcount-bits", json_integer(s->refcount_bits));
         json_object_set_new(data, "corrupt", json_boolean(corrupt));
         json_object_set_new(data, "extended-l2", json_false());

@@ -225,6 +225,8 @@ int qc_block_status(LamNode *bs, int64_t off, int64_t bytes, int64_t *pnum,
                     int64_t *map, LamNode **file);
 int qc_preallocate(Qcow2State *s, int64_t start, int64_t end, LamPrealloc mode,
                    LamError **errp);
+/* Makes whole clusters unallocated, dropping their data (shrink). */
+int qc_deallocate(Qcow2State *s, int64_t off, int64_t bytes);
 /* Waits (lock held) until no IO entry older than seq overlaps [a, b). */
 void qc_wait_grace(Qcow2State *s, int64_t a, int64_t b, uint64_t seq);
 

@@ -162,7 +162,10 @@ int main(int argc, char **argv)
     LamNode *bs = lam_open_image(argv[i], fmt, flags, extra, &err);
     json_decref(extra);
     if (!bs) {
-        lam_error_report_free(err);
+        /* The tools name the file; drivers give the reason. */
+        fprintf(stderr, "qcow2-tool: Could not open '%s': %s\n", argv[i],
+                err && err->msg ? err->msg : "?");
+        lam_error_free(err);
         return 1;
     }
     uint64_t perm = LAM_PERM_CONSISTENT_READ;
