@@ -84,15 +84,19 @@ static int parse_backup_args(json_t *args, LamBackupParams *p, LamNode *source,
     p->auto_dismiss = lam_opt_bool(args, "auto-dismiss", true, &err);
     p->filter_node_name = lam_opt_str(args, "filter-node-name", NULL);
     p->on_cbw_error = lam_opt_str(args, "on-cbw-error", NULL);
-    if (lam_opt_bool(args, "discard-source", false, &err)) {
-        lam_error_setg(&err, "discard-source is not supported");
-    }
+    p->discard_source = lam_opt_bool(args, "discard-source", false, &err);
     json_t *perf = json_object_get(args, "x-perf");
     if (perf) {
         if (lam_opt_bool(perf, "use-copy-range", false, &err)) {
             /* copy offload is not implemented: plain copies are used */
         }
         int64_t mw = lam_opt_int(perf, "max-workers", 64, &err);
+        p->min_cluster_size = lam_opt_int(perf, "min-cluster-size", 0, &err);
+        if (!err && (p->min_cluster_size < 0 ||
+                     (p->min_cluster_size & (p->min_cluster_size - 1)) ||
+                     p->min_cluster_size > (64 << 20))) {
+            lam_error_setg(&err, "min-cluster-size needs to be a power of 2");
+        }
         p->max_chunk = lam_opt_int(perf, "max-chunk", 0, &err);
         if (!err && (mw < 1 || mw > 2147483647)) {
             lam_error_setg(&err, "max-workers must be between 1 and 2147483647");

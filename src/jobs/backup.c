@@ -247,6 +247,9 @@ LamJob *lam_backup_start(LamNode *source, LamNode *target, const LamBackupParams
     if (p->on_cbw_error) {
         json_object_set_new(fopts, "on-cbw-error", json_string(p->on_cbw_error));
     }
+    if (p->min_cluster_size) {
+        json_object_set_new(fopts, "min-cluster-size", json_integer(p->min_cluster_size));
+    }
     LamError *err = NULL;
     b->filter = lam_node_open(fopts, LAM_O_RDWR, &err);
     json_decref(fopts);
@@ -257,6 +260,7 @@ LamJob *lam_backup_start(LamNode *source, LamNode *target, const LamBackupParams
     b->filter->implicit = p->filter_node_name == NULL;
     lam_cbw_set_compress(b->filter, p->compress);
     b->bcs = lam_cbw_block_copy(b->filter);
+    lam_block_copy_set_discard_source(b->bcs, p->discard_source);
     lam_block_copy_set_progress(b->bcs, backup_progress, &b->common);
     lam_job_progress_set_remaining(&b->common, lam_block_copy_dirty_bytes(b->bcs));
     if (lam_node_replace(source, b->filter, &err) < 0) {

@@ -20,6 +20,8 @@ typedef struct LamBackupParams {
     const char *on_cbw_error;        /* NULL: break-guest-write */
     int max_workers;                 /* x-perf.max-workers (default 64) */
     int64_t max_chunk;               /* x-perf.max-chunk (0: engine default) */
+    int64_t min_cluster_size;        /* x-perf.min-cluster-size (0: default) */
+    bool discard_source;             /* discard what was copied (9.1) */
 } LamBackupParams;
 
 void lam_backup_params_init(LamBackupParams *p);

@@ -37,6 +37,7 @@ struct LamBlockCopy {
     int64_t len;
     int write_flags;
     bool target_has_backing;
+    bool discard_source;  /* set before copying starts */
     void (*progress_cb)(void *opaque, int64_t bytes);
     void *progress_opaque;
 
@@ -126,6 +127,11 @@ void lam_block_copy_free(LamBlockCopy *s)
     pthread_cond_destroy(&s->cond);
     pthread_cond_destroy(&s->work_cond);
     free(s);
+}
+
+void lam_block_copy_set_discard_source(LamBlockCopy *s, bool discard)
+{
+    s->discard_source = discard;
 }
 
 void lam_block_copy_set_compress(LamBlockCopy *s, bool compress)
@@ -257,6 +263,7 @@ static void *alloc_buf(LamBlockCopy *s, int64_t bytes)
  * which holds at least bytes. */
 static int do_copy(LamBlockCopy *s, int64_t off, int64_t bytes, void *buf, bool *is_read)
 {
+    int64_t start = off;
     *is_read = false;
     int ret = 0;
     int64_t end = off + bytes;
@@ -290,6 +297,10 @@ static int do_copy(LamBlockCopy *s, int64_t off, int64_t bytes, void *buf, bool 
         }
         ret = zero ? write_zeroes(s, off, pnum) : copy_data(s, off, pnum, buf, is_read);
         off += pnum;
+    }
+    if (ret == 0 && s->discard_source) {
+        /* Advisory: a source that can't discard just keeps its data. */
+        lam_co_pdiscard(s->source, start, bytes);
     }
     return ret;
 }

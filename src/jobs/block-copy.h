@@ -37,6 +37,9 @@ LamBlockCopy *lam_block_copy_new(LamChild *source, LamChild *target,
                                  int64_t cluster_size, int write_flags,
                                  LamError **errp);
 void lam_block_copy_free(LamBlockCopy *s);
+/* Discard each range on the source once it is in the target (push backup
+ * from snapshot-access: releases the fleecing space as the copy goes). */
+void lam_block_copy_set_discard_source(LamBlockCopy *s, bool discard);
 /* Before any copy starts: write the target with LAM_REQ_WRITE_COMPRESSED. */
 void lam_block_copy_set_compress(LamBlockCopy *s, bool compress);
 
