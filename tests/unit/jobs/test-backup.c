@@ -931,6 +931,48 @@ static void test_big_clusters(void)
     lam_node_unref(t);
 }
 
+/* Zero ranges are written as write_zeroes (holes in a file target), not
+ * as data; data that reads back as zeroes too. */
+static void test_zeroes_stay_sparse(void)
+{
+    char path[512];
+    snprintf(path, sizeof(path), "%s/a13", tmpdir);
+    int fd = open(path, O_CREAT | O_TRUNC | O_RDWR, 0644);
+    if (ftruncate(fd, LEN) < 0) {
+        abort();
+    }
+    uint8_t *buf = calloc(1, 1 << 20);
+    memset(buf, 0x42, 1 << 20);
+    if (pwrite(fd, buf, 1 << 20, 0) != 1 << 20) {          /* 1 MiB data */
+        abort();
+    }
+    memset(buf, 0, 1 << 20);
+    if (pwrite(fd, buf, 1 << 20, 4 << 20) != 1 << 20) {    /* 1 MiB written zeroes */
+        abort();
+    }
+    close(fd);
+    free(buf);
+    make_file("b13", LEN, false);
+    LamNode *a = open_file("a13", "a13");
+    LamNode *b = open_file("b13", "b13");
+    LamBackupParams p;
+    lam_backup_params_init(&p);
+    p.job_id = "z";
+    LamJob *job = lam_backup_start(a, b, &p, NULL);
+    lam_job_ref(job);
+    int r = lam_job_run_until_done(job);
+    lam_job_unref(job);
+    ev_clear();
+    struct stat st;
+    snprintf(path, sizeof(path), "%s/b13", tmpdir);
+    stat(path, &st);
+    ok(r == 0 && st.st_blocks * 512 <= (1 << 20) + 65536,
+       "zero and hole ranges are not written as data (%lld bytes allocated)",
+       (long long)st.st_blocks * 512);
+    lam_node_unref(a);
+    lam_node_unref(b);
+}
+
 int main(void)
 {
     setvbuf(stdout, NULL, _IOLBF, 0);
@@ -950,6 +992,7 @@ int main(void)
     test_snapshot_discard();
     test_drain_pauses_jobs();
     test_big_clusters();
+    test_zeroes_stay_sparse();
     char cmd[300];
     snprintf(cmd, sizeof(cmd), "rm -rf %s", tmpdir);
     if (system(cmd) != 0) {
