@@ -913,6 +913,9 @@ static void test_big_clusters(void)
        "2 MiB clusters: the snapshot stays intact under writes");
     LamChild *rt = lam_root_attach(t, "check", LAM_PERM_CONSISTENT_READ, LAM_PERM_ALL, NULL);
     uint8_t *buf = malloc(2 << 20);
+    if (!buf) {
+        abort();
+    }
     bool whole = true;
     for (int64_t off = 0; off < LEN; off += 2 << 20) {
         lam_co_pread(rt, off, 2 << 20, buf, 0);
@@ -942,6 +945,9 @@ static void test_zeroes_stay_sparse(void)
         abort();
     }
     uint8_t *buf = calloc(1, 1 << 20);
+    if (!buf) {
+        abort();
+    }
     memset(buf, 0x42, 1 << 20);
     if (pwrite(fd, buf, 1 << 20, 0) != 1 << 20) {          /* 1 MiB data */
         abort();
