@@ -966,7 +966,12 @@ static bool wait_until_locked(LamJob *job, bool (*done)(LamJob *, LamJobStatus),
 {
     int64_t deadline = timeout_ms < 0 ? -1 : lam_clock_ns() + (int64_t)timeout_ms * 1000000;
     while (!done(job, status)) {
-        bool need_dispatch = job->run_done && !job->deferred;
+        /* Any job's completion may be what this one waits for (its
+         * transaction's peers). */
+        bool need_dispatch = false;
+        for (LamJob *j = job_list; j && !need_dispatch; j = j->next) {
+            need_dispatch = j->run_done && !j->deferred;
+        }
         if (need_dispatch) {
             pthread_mutex_unlock(&job_lock);
             lam_job_dispatch();

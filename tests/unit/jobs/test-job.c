@@ -691,8 +691,9 @@ static void test_transactions(void)
     ok(lam_job_wait_status(&a->common, LAM_JOB_STATUS_WAITING, 5000),
        "txn: first finished job waits for its peer");
     atomic_store(&b->finish, true);
-    lam_job_run_until_done(&b->common);
+    /* Waiting on the job that finished first must also complete its peer. */
     lam_job_run_until_done(&a->common);
+    lam_job_run_until_done(&b->common);
     ok(a->common.status == LAM_JOB_STATUS_NULL && b->common.status == LAM_JOB_STATUS_NULL,
        "txn: both concluded");
     ok(ev_is("created created running running waiting waiting pending pending COMPLETED "
