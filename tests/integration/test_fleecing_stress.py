@@ -99,7 +99,7 @@ def stress(sock, guest, fleece, seed=1):
     return result
 
 
-def classic(flavor, tmp_path, env=None, slow_backing=False):
+def classic(flavor, tmp_path, env=None, slow_backing=False, export_first=False):
     src = str(tmp_path / "src.raw")
     tmp = str(tmp_path / "tmp.qcow2")
     make_file(src, SIZE, pattern)
@@ -115,6 +115,11 @@ def classic(flavor, tmp_path, env=None, slow_backing=False):
     sock = str(tmp_path / "nbd.sock")
     q.cmd("nbd-server-start", addr={"type": "unix", "data": {"path": sock}})
     add_file(q, "src", src)
+    if export_first:
+        # QSD's usual order: the guest's writable export exists first and
+        # is moved onto the filter when the job starts.
+        q.cmd("block-export-add", args={"type": "nbd", "id": "eg", "node-name": "src",
+                                        "name": "guest", "writable": True})
     backing = "src"
     if slow_backing:
         # Widens the window between "cluster unallocated" and the backing
@@ -128,7 +133,8 @@ def classic(flavor, tmp_path, env=None, slow_backing=False):
                                 "backing": backing})
     q.cmd("blockdev-backup", job_id="fleece", device="src", target="tmp", sync="none",
           filter_node_name="guest")
-    q.cmd("block-export-add", type="nbd", id="eg", node_name="guest", writable=True)
+    if not export_first:
+        q.cmd("block-export-add", type="nbd", id="eg", node_name="guest", writable=True)
     q.cmd("block-export-add", type="nbd", id="ef", node_name="tmp")
     res = stress(sock, "guest", "tmp")
     q.cmd("block-export-del", id="ef")
@@ -142,9 +148,11 @@ def classic(flavor, tmp_path, env=None, slow_backing=False):
     return res, seq
 
 
-@pytest.mark.parametrize("flavor,slow", [(f, False) for f in FLAVORS] + [("laminad", True)])
-def test_classic_fleecing_stress(flavor, slow, tmp_path):
-    res, seq = classic(flavor, tmp_path, slow_backing=slow)
+@pytest.mark.parametrize("flavor,slow,export_first",
+                         [(f, False, False) for f in FLAVORS] +
+                         [(f, False, True) for f in FLAVORS] + [("laminad", True, False)])
+def test_classic_fleecing_stress(flavor, slow, export_first, tmp_path):
+    res, seq = classic(flavor, tmp_path, slow_backing=slow, export_first=export_first)
     assert res["werr"] == 0 and res["rerr"] == 0, res
     assert res["reads"] > 100, res
     assert res["bad"] == 0, res
