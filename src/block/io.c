@@ -377,7 +377,7 @@ static int emulate_zeroes(LamNode *bs, int64_t off, int64_t bytes, int flags)
 {
     const void *zb = get_zero_buf();
     int ret = 0;
-    flags &= LAM_REQ_FUA;
+    flags &= LAM_REQ_FUA | LAM_REQ_SERIALISING;
     while (bytes > 0 && ret >= 0) {
         int64_t n = bytes < ZERO_BUF_SIZE ? bytes : ZERO_BUF_SIZE;
         LamIOV q;
@@ -401,6 +401,7 @@ static int node_pwrite_zeroes(LamNode *bs, int64_t off, int64_t bytes, int flags
     if (bytes == 0) {
         return 0;
     }
+    bool serialising = flags & LAM_REQ_SERIALISING;
     flags &= ~(LAM_REQ_SERIALISING | LAM_REQ_NO_SERIALISE_WAIT);
     uint32_t a = bs->bl.request_alignment;
     /* Unaligned head and tail go through the write path (RMW). */
@@ -415,13 +416,16 @@ static int node_pwrite_zeroes(LamNode *bs, int64_t off, int64_t bytes, int flags
         }
         int ret = 0;
         if (head_end > off) {
-            ret = emulate_zeroes(bs, off, head_end - off, flags);
+            ret = emulate_zeroes(bs, off, head_end - off,
+                                 flags | (serialising ? LAM_REQ_SERIALISING : 0));
         }
         if (ret >= 0 && tail_start > head_end) {
-            ret = node_pwrite_zeroes(bs, head_end, tail_start - head_end, flags);
+            ret = node_pwrite_zeroes(bs, head_end, tail_start - head_end,
+                                     flags | (serialising ? LAM_REQ_SERIALISING : 0));
         }
         if (ret >= 0 && off + bytes > tail_start) {
-            ret = emulate_zeroes(bs, tail_start, off + bytes - tail_start, flags);
+            ret = emulate_zeroes(bs, tail_start, off + bytes - tail_start,
+                                 flags | (serialising ? LAM_REQ_SERIALISING : 0));
         }
         return ret;
     }
@@ -431,7 +435,7 @@ static int node_pwrite_zeroes(LamNode *bs, int64_t off, int64_t bytes, int flags
                            !(drv->supported_zero_flags & LAM_REQ_FUA);
         int dflags = emulate_fua ? flags & ~LAM_REQ_FUA : flags;
         LamTrackedReq req;
-        track_begin(bs, &req, off, bytes, false, true);
+        track_begin(bs, &req, off, bytes, serialising, true);
         if (drv->pwrite_zeroes) {
             ret = drv->pwrite_zeroes(bs, off, bytes, dflags);
         } else {
@@ -443,7 +447,8 @@ static int node_pwrite_zeroes(LamNode *bs, int64_t off, int64_t bytes, int flags
         }
     }
     if (ret == -ENOTSUP && !(flags & LAM_REQ_NO_FALLBACK)) {
-        ret = emulate_zeroes(bs, off, bytes, flags);
+        ret = emulate_zeroes(bs, off, bytes,
+                             flags | (serialising ? LAM_REQ_SERIALISING : 0));
     }
     return ret;
 }

@@ -38,6 +38,8 @@ typedef struct Config {
     int nops;
     int threads;
     int64_t fill_max;
+    int mix;
+    bool compress;
     uint64_t seed;
     int random_per_interval;
     int max_random;
@@ -109,6 +111,9 @@ static void usage(void)
 "  --cluster-size N        qcow2 cluster size (512)\n"
 "  --refcount-bits N       qcow2 refcount width (16)\n"
 "  --ops N                 guest operations per thread (300)\n"
+"  --mix default|discard   op mix; discard: many discards/unmapping zero\n"
+"                          writes over fresh data (frees, reuses clusters)\n"
+"  --compress              some whole-cluster writes are compressed\n"
 "  --fill-max N            longest sequential fill write (16 clusters)\n"
 "  --threads N             guest threads on disjoint stripes (1, max 8)\n"
 "  --seed N                workload and cut seed (1)\n"
@@ -163,7 +168,7 @@ static int parse_args(Config *c, int argc, char **argv)
         { "create", 1, 0, 'C' }, { "cheat", 1, 0, 'X' },
         { "time-limit", 1, 0, 't' }, { "workdir", 1, 0, 'w' },
         { "keep-failures", 1, 0, 'k' }, { "help", 0, 0, 'h' },
-        { "expect-failures", 0, 0, 'E' }, { "drv-opt", 1, 0, 'o' + 256 }, { "single-loss", 1, 0, 'L' }, { "fill-max", 1, 0, 'F' }, { "no-ours", 0, 0, 'O' },
+        { "expect-failures", 0, 0, 'E' }, { "compress", 0, 0, 'c' + 256 }, { "mix", 1, 0, 'x' + 256 }, { "drv-opt", 1, 0, 'o' + 256 }, { "single-loss", 1, 0, 'L' }, { "fill-max", 1, 0, 'F' }, { "no-ours", 0, 0, 'O' },
         { "reference-qemu", 0, 0, 'P' }, { "reuse-every", 1, 0, 'U' }, { "dump-log", 1, 0, 'D' },
         { 0, 0, 0, 0 },
     };
@@ -197,6 +202,14 @@ static int parse_args(Config *c, int argc, char **argv)
         case 'w': c->workdir = optarg; break;
         case 'k': c->keep_dir = optarg; break;
         case 'E': c->expect_failures = true; break;
+        case 'c' + 256: c->compress = true; break;
+        case 'x' + 256:
+            if (strcmp(optarg, "default") && strcmp(optarg, "discard")) {
+                fprintf(stderr, "--mix is default or discard\n");
+                return -1;
+            }
+            c->mix = !strcmp(optarg, "discard");
+            break;
         case 'o' + 256: {
             char *eq = strchr(optarg, '=');
             if (!eq) {
@@ -228,7 +241,7 @@ static int parse_args(Config *c, int argc, char **argv)
         fprintf(stderr, "--reference-qemu needs qcow2 and one thread\n");
         return -1;
     }
-    if (c->ref_qemu || c->no_ours) {
+    if (c->no_ours) {
         c->reuse_every = 0; /* reuse writes with our driver */
     }
     if (strcmp(c->fmt, "qcow2") && strcmp(c->fmt, "raw")) {
@@ -466,13 +479,32 @@ static void verify_content(Ctx *x, const Cut *c, int n, const OpWindow *win,
         char m[512];
         int lw = last_writer(&x->w, win, first_bad);
         const GuestOp *op = lw >= 0 ? &x->w.ops[lw] : NULL;
+        const char *why = "last durable op there";
+        /* A returned FUA write that is missing is the more precise story. */
+        for (int t = 0; t < x->w.p.nthreads; t++) {
+            for (int i = win->durable[t]; i < win->started[t]; i++) {
+                const GuestOp *f = &x->w.ops[i];
+                if ((f->flags & LAM_REQ_FUA) && f->log_end <= win->pos &&
+                    f->type != G_DISCARD && first_bad >= f->off &&
+                    first_bad < f->off + f->len) {
+                    lw = i;
+                    op = f;
+                    why = "FUA op that had returned";
+                }
+            }
+        }
+        uint8_t want = x->model.val[first_bad];
+        if (op && op->type == G_WRITE) {
+            want = op->data[first_bad - op->off];
+        } else if (op && op->type == G_ZERO) {
+            want = 0;
+        }
         snprintf(m, sizeof(m),
                  "%s read-back: %lld bytes differ from every allowed value, "
                  "first at guest offset %lld (got 0x%02x, expected 0x%02x; "
-                 "last durable op there: #%d %s [%lld, +%lld) thread %d, "
+                 "%s: #%d %s [%lld, +%lld) thread %d, "
                  "logged at file entries [%zu, %zu))", reader, (long long)bad,
-                 (long long)first_bad, x->got[first_bad],
-                 x->model.val[first_bad], lw,
+                 (long long)first_bad, x->got[first_bad], want, why, lw,
                  op ? op_name(op->type) : "none", op ? (long long)op->off : 0LL,
                  op ? (long long)op->len : 0LL, op ? op->thread : -1,
                  op ? op->log_start : 0, op ? op->log_end : 0);
@@ -944,7 +976,8 @@ int main(int argc, char **argv)
     rec->max_len = 4 * x.img_size + (16 << 20);
     WorkloadParams wp = { .size = x.cfg.size, .cluster = x.cfg.cluster,
                           .nops = x.cfg.nops, .nthreads = x.cfg.threads,
-                          .fill_max = x.cfg.fill_max,
+                          .fill_max = x.cfg.fill_max, .mix = x.cfg.mix,
+                          .compress = x.cfg.compress,
                           .seed = x.cfg.seed };
     workload_generate(&x.w, &wp);
     if (x.cfg.ref_qemu) {

@@ -219,13 +219,17 @@ int qemu_ref_record(const char *dir, const char *path, Workload *w,
             snprintf(datapath, sizeof(datapath), "%s/qemu-ref-%d.bin", dir, i);
             ret = write_file(datapath, op->data, op->len);
             if (ret == 0) {
-                ret = add_cmd(&argv, &argc, &cap, "write -q -s %s %lld %lld",
-                              datapath, (long long)op->off, (long long)op->len);
+                ret = add_cmd(&argv, &argc, &cap, "write -q %s%s-s %s %lld %lld",
+                              (op->flags & LAM_REQ_FUA) ? "-f " : "",
+                              (op->flags & LAM_REQ_WRITE_COMPRESSED) ? "-c " : "",
+                              datapath,
+                              (long long)op->off, (long long)op->len);
             }
             break;
         case G_ZERO:
-            ret = add_cmd(&argv, &argc, &cap, "write -q -z %s%lld %lld",
+            ret = add_cmd(&argv, &argc, &cap, "write -q -z %s%s%lld %lld",
                           (op->flags & LAM_REQ_MAY_UNMAP) ? "-u " : "",
+                          (op->flags & LAM_REQ_FUA) ? "-f " : "",
                           (long long)op->off, (long long)op->len);
             break;
         case G_DISCARD:

@@ -89,6 +89,13 @@ static void gen_thread(Gen *g, Rng *r)
     const int first = g->w->nops;
     int64_t fill_cursor = (int64_t)rng_below(r, (uint64_t)nclusters) * cl;
     int since_flush = 0, flush_every = 2 + (int)rng_below(r, 10);
+    /* Percent thresholds: fresh write, overwrite, fill, zero, discard;
+     * the rest are small COW writes. */
+    static const unsigned mix_default[5] = { 35, 50, 60, 72, 82 };
+    /* Frees and reuses clusters: many discards and unmapping zero writes
+     * over data written just before. */
+    static const unsigned mix_discard[5] = { 20, 45, 50, 68, 92 };
+    const unsigned *cut = g->w->p.mix == 1 ? mix_discard : mix_default;
 
     for (int n = 0; n < g->w->p.nops; n++) {
         unsigned k = (unsigned)rng_below(r, 100);
@@ -99,7 +106,7 @@ static void gen_thread(Gen *g, Rng *r)
             add_op(g, (GuestOp){ .type = G_FLUSH });
             continue;
         }
-        if (k < 35) {
+        if (k < cut[0]) {
             /* Fresh write: whole clusters, sectors, or an odd range that
              * leaves part of a cluster to be copied from the backing file. */
             unsigned shape = (unsigned)rng_below(r, 10);
@@ -107,6 +114,21 @@ static void gen_thread(Gen *g, Rng *r)
             if (shape < 5) {
                 off = (int64_t)rng_below(r, (uint64_t)nclusters) * cl;
                 len = cl * (1 + (int64_t)rng_below(r, 4));
+                if (g->w->p.compress && rng_below(r, 2)) {
+                    /* Compressed clusters: compressible data (a short
+                     * random pattern, repeated, with a few random bytes). */
+                    len = off + len > size ? size - off : len;
+                    op = mk_write(r, off, len);
+                    uint8_t pat[16];
+                    rng_fill(r, pat, sizeof(pat));
+                    for (int64_t b = 0; b < len; b++) {
+                        op.data[b] = rng_below(r, 64) ? pat[b % 16] : (uint8_t)rng_next(r);
+                    }
+                    op.flags = LAM_REQ_WRITE_COMPRESSED;
+                    add_op(g, op);
+                    since_flush++;
+                    continue;
+                }
             } else if (shape < 8) {
                 off = (int64_t)rng_below(r, (uint64_t)(size / 512)) * 512;
                 len = 512 * (1 + (int64_t)rng_below(r, (uint64_t)(2 * cl / 512 + 1)));
@@ -115,7 +137,11 @@ static void gen_thread(Gen *g, Rng *r)
                 len = 1 + (int64_t)rng_below(r, (uint64_t)(2 * cl));
             }
             op = mk_write(r, off, clamp_len(off, len, size));
-        } else if (k < 50) {
+            /* Some FUA writes: durable when they return, flush or not. */
+            if (rng_below(r, 8) == 0) {
+                op.flags |= LAM_REQ_FUA;
+            }
+        } else if (k < cut[1]) {
             /* Overwrite (part of) an earlier write: in-place updates of
              * allocated clusters, and COW when the range straddles. */
             int64_t off = 0, len = cl;
@@ -126,7 +152,7 @@ static void gen_thread(Gen *g, Rng *r)
                 off = size - 1;
             }
             op = mk_write(r, off, clamp_len(off, len, size));
-        } else if (k < 60) {
+        } else if (k < cut[2]) {
             /* Sequential fill: grows the image across L2 tables and
              * refcount blocks. */
             int64_t len = cl * (4 + (int64_t)rng_below(r, 13));
@@ -138,7 +164,7 @@ static void gen_thread(Gen *g, Rng *r)
             }
             op = mk_write(r, fill_cursor, clamp_len(fill_cursor, len, size));
             fill_cursor += op.len;
-        } else if (k < 72) {
+        } else if (k < cut[3]) {
             op = (GuestOp){ .type = G_ZERO };
             if (rng_below(r, 3)) {
                 op.off = (int64_t)rng_below(r, (uint64_t)nclusters) * cl;
@@ -148,10 +174,17 @@ static void gen_thread(Gen *g, Rng *r)
                 op.len = 1 + (int64_t)rng_below(r, (uint64_t)(3 * cl));
             }
             op.len = clamp_len(op.off, op.len, size);
-            op.flags = rng_below(r, 2) ? LAM_REQ_MAY_UNMAP : 0;
-        } else if (k < 82) {
+            op.flags = rng_below(r, 2) || g->w->p.mix == 1 ? LAM_REQ_MAY_UNMAP : 0;
+            if (rng_below(r, 8) == 0) {
+                op.flags |= LAM_REQ_FUA;
+            }
+        } else if (k < cut[4]) {
             op = (GuestOp){ .type = G_DISCARD };
-            if (rng_below(r, 4)) {
+            int64_t ro, rl;
+            if (g->w->p.mix == 1 && rng_below(r, 2) && recent_write(g, r, first, &ro, &rl)) {
+                op.off = ro / cl * cl;
+                op.len = (rl + cl - 1) / cl * cl + cl;
+            } else if (rng_below(r, 4)) {
                 op.off = (int64_t)rng_below(r, (uint64_t)nclusters) * cl;
                 op.len = cl * (1 + (int64_t)rng_below(r, 8));
             } else {
@@ -320,6 +353,7 @@ void model_window(const Workload *w, size_t pos, OpWindow *win)
         win->durable[t] = d;
         win->started[t] = s > d ? s : d;
     }
+    win->pos = pos;
 }
 
 static void apply_op(Model *m, const GuestOp *op)
@@ -409,6 +443,40 @@ static bool fits_pending(const Model *m, const Workload *w, const OpWindow *win,
     return false;
 }
 
+/* A FUA write that returned before the crash must read back, unless an
+ * op of the same thread issued after it may have changed the byte. */
+static int64_t verify_fua(const Model *m, const Workload *w, const OpWindow *win,
+                          const uint8_t *got, int64_t *first_bad)
+{
+    int64_t bad = 0;
+    for (int t = 0; t < w->p.nthreads; t++) {
+        for (int i = win->durable[t]; i < win->started[t]; i++) {
+            const GuestOp *op = &w->ops[i];
+            if (!(op->flags & LAM_REQ_FUA) || op->ret < 0 || op->log_end > win->pos ||
+                (op->type != G_WRITE && op->type != G_ZERO)) {
+                continue;
+            }
+            for (int64_t b = op->off; b < op->off + op->len; b++) {
+                uint8_t want = op->type == G_WRITE ? op->data[b - op->off] : 0;
+                if (got[b] == want) {
+                    continue;
+                }
+                bool later = false;
+                for (int j = i + 1; j < win->started[t] && !later; j++) {
+                    later = fits_op(m, &w->ops[j], b, got[b]);
+                }
+                if (!later) {
+                    if (*first_bad < 0 || b < *first_bad) {
+                        *first_bad = b;
+                    }
+                    bad++;
+                }
+            }
+        }
+    }
+    return bad;
+}
+
 int64_t model_verify(const Model *m, const Workload *w, const OpWindow *win,
                      const uint8_t *got, int64_t *first_bad)
 {
@@ -430,5 +498,5 @@ int64_t model_verify(const Model *m, const Workload *w, const OpWindow *win,
             bad++;
         }
     }
-    return bad;
+    return bad + verify_fua(m, w, win, got, first_bad);
 }

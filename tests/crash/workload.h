@@ -32,6 +32,8 @@ typedef struct WorkloadParams {
     int nops;             /* per thread */
     int nthreads;         /* 1..CRASH_MAX_THREADS */
     int64_t fill_max;     /* longest sequential fill (0: 16 clusters) */
+    int mix;              /* 0 default, 1 discard-heavy */
+    bool compress;        /* some whole-cluster writes are compressed */
     uint64_t seed;
 } WorkloadParams;
 
@@ -71,10 +73,13 @@ typedef struct Model {
 } Model;
 
 /* Per guest thread t, ops [tstart[t], durable[t]) must have reached the
- * disk and ops [durable[t], started[t]) may have. */
+ * disk and ops [durable[t], started[t]) may have -- except that a FUA
+ * write among the latter that returned must be there too (unless a later
+ * op overwrote it). */
 typedef struct OpWindow {
     int durable[CRASH_MAX_THREADS];
     int started[CRASH_MAX_THREADS];
+    size_t pos;   /* the crash position; ops with log_end <= pos returned */
 } OpWindow;
 
 void model_init(Model *m, const Workload *w, int64_t size,
