@@ -30,7 +30,10 @@ static int64_t raw_get_length(LamNode *bs)
     if (len < 0) {
         return len;
     }
-    return len > s->offset ? len - s->offset : 0;
+    len = len > s->offset ? len - s->offset : 0;
+    /* Whole sectors, as QEMU shows them: the tail past the file's end reads
+     * as zeroes and a write there grows the file. */
+    return (len + 511) & ~(int64_t)511;
 }
 
 static int raw_open(LamNode *bs, json_t *opts, int flags, LamError **errp)
