@@ -145,8 +145,12 @@ static int raw_block_status(LamNode *bs, int64_t off, int64_t bytes,
         return ret;
     }
     if (*pnum == 0) {
+        /* The sector tail past the file's end: zeroes, still at a place
+         * in the file (a write there grows it). */
         *pnum = bytes;
-        ret = LAM_BS_ZERO;
+        *map = off + s->offset;
+        *file = s->file->node;
+        ret = LAM_BS_ZERO | LAM_BS_OFFSET_VALID;
     }
     return (ret & ~LAM_BS_EOF) | LAM_BS_ALLOCATED;
 }
