@@ -139,6 +139,19 @@ def test_crash_qcow2_created_by_us_discard_mix():
     assert p.returncode == 0, p.stdout + p.stderr[-4000:]
 
 
+def test_crash_qcow2_lazy_refcounts_repair():
+    """Lazy refcounts: every crash image is dirty and gets repaired first,
+    alternately by our read-write open (the driver repairs a dirty image)
+    and by `qemu-img check -r all`; then both checks must be clean and the
+    flushed data must be there."""
+    s, p = crash_run("--format", "qcow2", "--lazy-refcounts", "--cluster-size",
+                     512, "--size", "4M", "--ops", 50, "--seed", 17,
+                     "--random-cuts", 1, "--qemu-every", 3, time_limit=10)
+    assert_clean(s, p)
+    assert s["repair_failures"] == 0 and s["repaired"] == s["cuts"], p.stdout
+    assert p.returncode == 0, p.stdout + p.stderr[-4000:]
+
+
 def test_crash_detects_lost_flushed_write_qcow2():
     """A crash model that loses a write the driver had flushed (a lying
     disk) must be caught: by check (metadata lost) or by read-back (data
