@@ -68,6 +68,7 @@ typedef struct Stats {
     int corrupt_ours, corrupt_qemu;  /* images with corruptions */
     int open_failures, check_errors;
     int repaired, repair_failures;
+    int reader_mismatch; /* our reader and qemu-img's disagree */
     int leaky_images;
     int durability_failures;
     int read_failures;
@@ -93,6 +94,7 @@ typedef struct Ctx {
     int64_t img_size;    /* guest size + reference mode's marker cluster */
     uint8_t *got;
     uint8_t *expect;     /* reuse: what the guest should read afterwards */
+    uint8_t *ours_got;   /* our read-back, to compare with qemu-img's */
     char cut_path[4096], raw_path[4096];
     struct timespec t0;
 } Ctx;
@@ -679,6 +681,7 @@ static int judge_cut(Ctx *x, Replay *rp, const Cut *c, int n, bool run_qemu)
     } else if (ret == 0) {
         x->st.ours_read++;
         verify_content(x, c, n, &win, "our", &failed);
+        memcpy(x->ours_got, x->got, (size_t)x->img_size);
     } else {
         failed = true;
         x->st.read_failures++;
@@ -696,6 +699,24 @@ static int judge_cut(Ctx *x, Replay *rp, const Cut *c, int n, bool run_qemu)
         if (ret == 0) {
             x->st.qemu_read++;
             verify_content(x, c, n, &win, "qemu-img convert", &failed);
+            /* Two readers of one image must agree byte for byte, even
+             * where the model allows several values. */
+            if (!x->cfg.no_ours && memcmp(x->got, x->ours_got, (size_t)x->img_size)) {
+                int64_t b = 0;
+                while (x->got[b] == x->ours_got[b]) {
+                    b++;
+                }
+                failed = true;
+                x->st.reader_mismatch++;
+                if (should_report(x)) {
+                    char m[300];
+                    snprintf(m, sizeof(m), "our reader and qemu-img disagree at guest "
+                             "offset %lld: ours 0x%02x, qemu-img 0x%02x", (long long)b,
+                             x->ours_got[b], x->got[b]);
+                    describe_cut(c, n, m);
+                }
+            }
+            memcpy(x->got, x->ours_got, (size_t)x->img_size);
         } else {
             failed = true;
             x->st.read_failures++;
@@ -850,7 +871,7 @@ static int failures(const Stats *s)
     return s->corrupt_ours + s->corrupt_qemu + s->open_failures +
            s->check_errors + s->durability_failures + s->read_failures +
            s->workload_failures + s->reuse_corrupt + s->reuse_mismatch +
-           s->final_corrupt + s->repair_failures +
+           s->final_corrupt + s->repair_failures + s->reader_mismatch +
            s->reuse_errors;
 }
 
@@ -890,8 +911,9 @@ static void summary(const Ctx *x)
     }
     printf("  corruptions: ours %d, qemu-img %d; open failures %d; check errors %d\n",
            s->corrupt_ours, s->corrupt_qemu, s->open_failures, s->check_errors);
-    printf("  durability failures: %d; read failures: %d; failed guest ops: %d\n",
-           s->durability_failures, s->read_failures, s->workload_failures);
+    printf("  durability failures: %d; read failures: %d; failed guest ops: %d;"
+           " our reader vs qemu-img mismatches: %d\n", s->durability_failures,
+           s->read_failures, s->workload_failures, s->reader_mismatch);
     printf("  reused after crash: %d images; corrupt afterwards %d, wrong content %d,"
            " errors %d\n", s->reuse_tried, s->reuse_corrupt, s->reuse_mismatch,
            s->reuse_errors);
@@ -915,6 +937,7 @@ static void summary(const Ctx *x)
     json_object_set_new(j, "reuse_tried", json_integer(s->reuse_tried));
     json_object_set_new(j, "single_loss_cuts", json_integer(s->single_loss_cuts));
     json_object_set_new(j, "repaired", json_integer(s->repaired));
+    json_object_set_new(j, "reader_mismatch", json_integer(s->reader_mismatch));
     json_object_set_new(j, "repair_failures", json_integer(s->repair_failures));
     json_object_set_new(j, "final_file_size", json_integer(s->final_file_size));
     json_object_set_new(j, "final_leaks_ours", json_integer(s->final_leaks_ours));
@@ -982,7 +1005,8 @@ int main(int argc, char **argv)
     x.img_size = x.cfg.size + (x.cfg.ref_qemu ? x.cfg.cluster : 0);
     x.got = malloc((size_t)x.img_size);
     x.expect = malloc((size_t)x.img_size);
-    if (!x.backing || !x.got || !x.expect || write_file(backing_path, x.backing, x.cfg.size) < 0) {
+    x.ours_got = malloc((size_t)x.img_size);
+    if (!x.backing || !x.got || !x.expect || !x.ours_got || write_file(backing_path, x.backing, x.cfg.size) < 0) {
         fprintf(stderr, "cannot write %s\n", backing_path);
         goto out;
     }
@@ -1072,6 +1096,7 @@ out:
     free(x.backing);
     free(x.got);
     free(x.expect);
+    free(x.ours_got);
     rm_rf_workdir(dir, made);
     json_decref(x.cfg.drv_opts);
     return status;

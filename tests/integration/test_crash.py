@@ -46,6 +46,7 @@ def assert_clean(s, p):
     assert s["check_errors"] == 0, "check reported errors" + report
     assert s["read_failures"] == 0, "crash image could not be read" + report
     assert s["durability_failures"] == 0, "flushed guest writes lost" + report
+    assert s["reader_mismatch"] == 0, "our reader and qemu-img's disagree" + report
     assert s["reuse_corrupt"] == 0, "writing to a crashed image corrupted it" + report
     assert s["reuse_mismatch"] == 0, "writing to a crashed image: wrong content" + report
     assert s["reuse_errors"] == 0, "writing to a crashed image failed" + report
