@@ -11,6 +11,7 @@ Every measurement runs RUNS times (servers interleaved) and the median is
 reported, with laminad/QSD ratios.
 
 Usage: bench/nbd-bench.py [--runs N] [--runtime S] [--size-mb M] [--dir D]
+                          [--only TEST] [--formats qcow2,raw] [BUILD_DIR]
 Uses build/src/daemon/laminad when it exists, else the nbd-serve harness
 (tests/unit/nbd), which serves through the same NBD server code.
 """
@@ -170,12 +171,18 @@ def make_images(d, size_mb):
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--runs", type=int, default=3)
-    ap.add_argument("--runtime", type=int, default=3)
+    ap.add_argument("--runtime", type=int, default=2)
     ap.add_argument("--size-mb", type=int, default=1024)
     ap.add_argument("--dir", default=None)
     ap.add_argument("--only", default=None, help="substring of test names")
     ap.add_argument("--formats", default="qcow2,raw")
+    ap.add_argument("build", nargs="?", help="build directory (default build/)")
     args = ap.parse_args()
+    global BUILD, LAMINAD, NBD_SERVE
+    if args.build:
+        BUILD = os.path.abspath(args.build)
+        LAMINAD = os.path.join(BUILD, "src", "daemon", "laminad")
+        NBD_SERVE = os.path.join(BUILD, "tests", "unit", "nbd", "nbd-serve")
     for tool in ("fio", "nbdcopy", "qemu-storage-daemon", "qemu-img"):
         if not shutil.which(tool):
             sys.exit("%s is required" % tool)
@@ -231,7 +238,7 @@ def main():
             print(line, flush=True)
             print("%-18s %-5s" % ("  server CPU", "us/MB" if "nbdcopy" in name else "us/op") +
                   "".join("%14.1f" % cpu_med[c] for c, _ in cols), flush=True)
-        with open(os.path.join(ROOT, "bench", "nbd-bench-last.json"), "w") as f:
+        with open(os.path.join(BUILD if os.path.isdir(BUILD) else d, "nbd-bench-last.json"), "w") as f:
             json.dump(results, f, indent=1)
     finally:
         for s in servers:

@@ -141,6 +141,11 @@ LamChild *lam_root_attach(LamNode *bs, const char *user, uint64_t perm,
 void lam_root_detach(LamChild *root);
 int lam_child_set_perm(LamChild *c, uint64_t perm, uint64_t shared,
                        LamError **errp);
+/* Moves every parent edge of `from` (roots included) onto `to`, except the
+ * edges whose parent is `to` or below `to` (moving those would make a
+ * cycle) -- QEMU's bdrv_replace_node; used to insert and remove job
+ * filters.  Checks permissions first; on failure nothing changes.  Control thread, inside a drained section. */
+int lam_node_replace(LamNode *from, LamNode *to, LamError **errp);
 
 /* ---- accessors ---- */
 const char *lam_node_name(const LamNode *bs);       /* "" if unnamed */
@@ -199,6 +204,10 @@ int lam_co_truncate(LamChild *c, int64_t size, bool exact, LamPrealloc prealloc,
 /* ---- quiesce ---- */
 void lam_drain_begin(void);
 void lam_drain_end(void);
+/* Called around the outermost drained section (before the gate closes,
+ * after it opens), on the control thread: jobs pause their own I/O. */
+typedef void (*LamDrainHook)(void);
+void lam_drain_set_hooks(LamDrainHook begin, LamDrainHook end);
 
 /* ---- creation and maintenance (control thread) ---- */
 

@@ -41,8 +41,23 @@ void lam_root_req_enter(void)
     }
 }
 
+/* Quiesce hooks of other layers (jobs pause their own I/O, which does not
+ * come through root edges).  Set once at start-up; run on the control
+ * thread around the outermost drained section only. */
+static LamDrainHook hook_begin, hook_end;
+static int hook_depth; /* control thread only */
+
+void lam_drain_set_hooks(LamDrainHook begin, LamDrainHook end)
+{
+    hook_begin = begin;
+    hook_end = end;
+}
+
 void lam_drain_begin(void)
 {
+    if (hook_depth++ == 0 && hook_begin) {
+        hook_begin();
+    }
     pthread_mutex_lock(&drain_lock);
     atomic_fetch_add(&draining, 1);
     while (atomic_load(&root_in_flight) > 0) {
@@ -58,4 +73,7 @@ void lam_drain_end(void)
         pthread_cond_broadcast(&drain_cond);
     }
     pthread_mutex_unlock(&drain_lock);
+    if (--hook_depth == 0 && hook_end) {
+        hook_end();
+    }
 }

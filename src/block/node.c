@@ -333,6 +333,52 @@ int lam_child_set_perm(LamChild *c, uint64_t perm, uint64_t shared,
     return ret;
 }
 
+int lam_node_replace(LamNode *from, LamNode *to, LamError **errp)
+{
+    /* Collect the edges to move first: moving edits from->parents. */
+    int n = 0;
+    for (LamChild *c = from->parents; c; c = c->next_parent) {
+        n++;
+    }
+    LamChild **move = xcalloc((size_t)n + 1, sizeof(*move));
+    int m = 0;
+    for (LamChild *c = from->parents; c; c = c->next_parent) {
+        /* Edges of nodes below `to` stay: moving them would make a cycle
+         * (e.g. a fleecing target backed by the source, under the cbw
+         * filter that is being inserted above the source). */
+        if (c->parent != to && !(c->parent && node_reaches(to, c->parent))) {
+            move[m++] = c;
+        }
+    }
+    for (int i = 0; i < m; i++) {
+        char ubuf[256];
+        lam_child_user(move[i], ubuf, sizeof(ubuf));
+        if (lam_perm_check(to, NULL, move[i]->perm, move[i]->shared, move[i]->name,
+                           ubuf, errp) < 0) {
+            free(move);
+            return -EPERM;
+        }
+    }
+    for (int i = 0; i < m; i++) {
+        LamChild *c = move[i];
+        /* Same edge object (drivers keep pointers to their edges); only
+         * its node and the nodes' parent lists change. */
+        for (LamChild **pp = &from->parents; *pp; pp = &(*pp)->next_parent) {
+            if (*pp == c) {
+                *pp = c->next_parent;
+                break;
+            }
+        }
+        c->node = to;
+        c->next_parent = to->parents;
+        to->parents = c;
+        lam_node_ref(to);
+        lam_node_unref(from);
+    }
+    free(move);
+    return 0;
+}
+
 /* ---- opening ---- */
 
 static int child_flags(LamNode *parent, json_t *child_opts, bool backing)

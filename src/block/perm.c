@@ -74,11 +74,14 @@ void lam_default_child_perm(LamNode *parent, const char *role,
 {
     bool rw = !parent->read_only;
     if (!strcmp(role, "backing")) {
-        /* A backing file is only read, and its content must not change
-         * under the overlay; writers that keep content (write-unchanged)
-         * are fine. */
+        /* A backing file is only read.  QEMU lets others write and resize
+         * it as long as the overlay's own users tolerate changing data
+         * (they share write) -- always true in a storage daemon, whose
+         * users are exports and jobs; a fleecing overlay is opened on a
+         * disk that an export is writing.  Without permission propagation
+         * we take that answer statically. */
         *perm = LAM_PERM_CONSISTENT_READ;
-        *shared = LAM_PERM_CONSISTENT_READ | LAM_PERM_WRITE_UNCHANGED;
+        *shared = LAM_PERM_ALL;
         if (parent->open_flags & LAM_O_FORCE_SHARE) {
             *shared = LAM_PERM_ALL;
         }

@@ -1,9 +1,10 @@
 /* Transmission phase.  The connection thread reads requests (and write
- * payloads), validates them and hands them to the worker pool; a worker
- * does the I/O through the export's root edge and sends the whole reply
- * under the connection's send lock, so chunks of different replies never
- * interleave.  In-flight requests per connection are bounded by
- * NBD_CONN_SLOTS and NBD_CONN_BUDGET bytes of payload. */
+ * payloads), validates them and hands them to the worker pool (or serves a
+ * small one itself when it has nothing else to read); whoever executes a
+ * request does the I/O through the export's root edge, builds the whole
+ * reply in the request slot and queues it (queue_reply), so chunks of
+ * different replies never interleave.  In-flight requests per connection
+ * are bounded by NBD_CONN_SLOTS and NBD_CONN_BUDGET bytes of payload. */
 #include <errno.h>
 #include <stddef.h>
 #include <stdio.h>
@@ -21,10 +22,6 @@
  * ones are answered with one data chunk (a status lookup per 4k read would
  * cost more than the zeroes it saves). */
 #define NBD_SPARSE_MIN (64u * 1024)
-#define NBD_MAX_READ_CHUNKS 64
-/* Largest request the connection thread serves itself. */
-#define NBD_INLINE_MAX (64u * 1024)
-static int nbd_inline = -1;
 
 /* Extents per block status chunk (the spec suggests at most 2^20). */
 #define NBD_MAX_EXTENTS 65536
@@ -128,15 +125,85 @@ static int ensure_buf(NbdReq *r, size_t len)
 
 /* ---- sending ---- */
 
-static void send_locked(NbdConn *c, struct iovec *iov, int niov)
+/* Writes a batch of replies, packing several into each sendmsg. */
+static int send_batch(NbdConn *c, NbdReq *batch)
 {
-    pthread_mutex_lock(&c->send_lock);
-    if (!c->send_failed && nbd_sendv(c, iov, niov) < 0) {
-        c->send_failed = true;
-        /* Wake the connection thread: this client is gone. */
-        shutdown(c->fd, SHUT_RDWR);
+    struct iovec iov[4 * NBD_REPLY_IOV];
+    int n = 0;
+    for (NbdReq *r = batch; r; r = r->next_send) {
+        if (n + r->rniov > (int)(sizeof(iov) / sizeof(iov[0]))) {
+            if (nbd_sendv(c, iov, n) < 0) {
+                return -1;
+            }
+            n = 0;
+        }
+        memcpy(iov + n, r->riov, r->rniov * sizeof(iov[0]));
+        n += r->rniov;
     }
-    pthread_mutex_unlock(&c->send_lock);
+    return n ? nbd_sendv(c, iov, n) : 0;
+}
+
+/* Queues r's reply; the slot is released once the reply is written.  The
+ * first thread to find the connection idle sends until the queue is
+ * empty (flat combining), the others return at once. */
+static void queue_reply(NbdConn *c, NbdReq *r)
+{
+    r->next_send = NULL;
+    pthread_mutex_lock(&c->send_lock);
+    if (c->sendq_tail) {
+        c->sendq_tail->next_send = r;
+    } else {
+        c->sendq_head = r;
+    }
+    c->sendq_tail = r;
+    if (c->sending) {
+        pthread_mutex_unlock(&c->send_lock);
+        return;
+    }
+    c->sending = true;
+    for (;;) {
+        NbdReq *batch = c->sendq_head;
+        c->sendq_head = c->sendq_tail = NULL;
+        bool failed = c->send_failed;
+        pthread_mutex_unlock(&c->send_lock);
+        if (!failed && send_batch(c, batch) < 0) {
+            failed = true;
+            /* Wake the connection thread: this client is gone. */
+            shutdown(c->fd, SHUT_RDWR);
+        }
+        pthread_mutex_lock(&c->send_lock);
+        c->send_failed |= failed;
+        bool last = !c->sendq_head;
+        if (last) {
+            c->sending = false;
+        }
+        pthread_mutex_unlock(&c->send_lock);
+        /* Releasing the slots may let the connection be freed: after the
+         * last batch, c must not be touched again.  While more replies
+         * are queued their slots keep it alive. */
+        while (batch) {
+            NbdReq *next = batch->next_send;
+            put_slot(batch);
+            batch = next;
+        }
+        if (last) {
+            return;
+        }
+        pthread_mutex_lock(&c->send_lock);
+    }
+}
+
+static void set_reply1(NbdReq *r, void *a, size_t alen)
+{
+    r->riov[0] = (struct iovec){ a, alen };
+    r->rniov = 1;
+}
+
+static void set_reply2(NbdReq *r, void *a, size_t alen, void *b, size_t blen)
+{
+    r->riov[0] = (struct iovec){ a, alen };
+    r->riov[1] = (struct iovec){ b, blen };
+    r->rniov = 2;
 }
 
 static void chunk_hdr(uint8_t *h, uint16_t flags, uint16_t type,
@@ -153,34 +220,28 @@ static void chunk_hdr(uint8_t *h, uint16_t flags, uint16_t type,
 static void send_status(NbdConn *c, NbdReq *r, int neg_errno)
 {
     int err = nbd_errno_to_wire(neg_errno);
+    uint8_t *h = r->rhdr;
     if (!c->structured || (err == 0 && r->type != NBD_CMD_READ)) {
-        uint8_t h[NBD_SIMPLE_REPLY_SIZE];
         nbd_put32(h, NBD_SIMPLE_REPLY_MAGIC);
         nbd_put32(h + 4, err);
         nbd_put64(h + 8, r->cookie);
-        struct iovec iov = { h, sizeof(h) };
-        send_locked(c, &iov, 1);
+        set_reply1(r, h, NBD_SIMPLE_REPLY_SIZE);
         return;
     }
     if (err == 0) {
-        uint8_t h[NBD_CHUNK_HDR_SIZE];
         chunk_hdr(h, NBD_REPLY_FLAG_DONE, NBD_REPLY_TYPE_NONE, r->cookie, 0);
-        struct iovec iov = { h, sizeof(h) };
-        send_locked(c, &iov, 1);
+        set_reply1(r, h, NBD_CHUNK_HDR_SIZE);
         return;
     }
-    const char *msg = strerror(-neg_errno);
+    char msg[128];
+    snprintf(msg, sizeof(msg), "%s", strerror(-neg_errno));
     size_t ml = strlen(msg);
-    if (ml > 200) {
-        ml = 200;
-    }
-    uint8_t h[NBD_CHUNK_HDR_SIZE + 6];
     chunk_hdr(h, NBD_REPLY_FLAG_DONE, NBD_REPLY_TYPE_ERROR, r->cookie,
               (uint32_t)(6 + ml));
     nbd_put32(h + 20, err);
     nbd_put16(h + 24, (uint16_t)ml);
-    struct iovec iov[2] = { { h, sizeof(h) }, { (void *)msg, ml } };
-    send_locked(c, iov, 2);
+    memcpy(h + 26, msg, ml);
+    set_reply1(r, h, NBD_CHUNK_HDR_SIZE + 6 + ml);
 }
 
 /* ---- request execution (pool workers) ---- */
@@ -220,12 +281,11 @@ static void do_read(NbdConn *c, NbdReq *r)
             send_status(c, r, ret);
             return;
         }
-        uint8_t h[NBD_SIMPLE_REPLY_SIZE];
+        uint8_t *h = r->rhdr;
         nbd_put32(h, NBD_SIMPLE_REPLY_MAGIC);
         nbd_put32(h + 4, 0);
         nbd_put64(h + 8, r->cookie);
-        struct iovec iov[2] = { { h, sizeof(h) }, { r->buf, r->len } };
-        send_locked(c, iov, 2);
+        set_reply2(r, h, NBD_SIMPLE_REPLY_SIZE, r->buf, r->len);
         return;
     }
 
@@ -279,11 +339,10 @@ static void do_read(NbdConn *c, NbdReq *r)
             }
         }
     }
-    uint8_t hdrs[NBD_MAX_READ_CHUNKS][NBD_CHUNK_HDR_SIZE + 12];
-    struct iovec iov[NBD_MAX_READ_CHUNKS * 2];
+    struct iovec *iov = r->riov;
     int niov = 0;
     for (int i = 0; i < n; i++) {
-        uint8_t *h = hdrs[i];
+        uint8_t *h = r->rhdr + 32 * i;
         uint16_t fl = i == n - 1 ? NBD_REPLY_FLAG_DONE : 0;
         if (ext[i].hole) {
             chunk_hdr(h, fl, NBD_REPLY_TYPE_OFFSET_HOLE, r->cookie, 12);
@@ -298,7 +357,7 @@ static void do_read(NbdConn *c, NbdReq *r)
             iov[niov++] = (struct iovec){ r->buf + ext[i].start, ext[i].len };
         }
     }
-    send_locked(c, iov, niov);
+    r->rniov = niov;
 }
 
 /* One BLOCK_STATUS chunk payload for a context into buf (4 + 8n bytes). */
@@ -373,22 +432,22 @@ static void do_block_status(NbdConn *c, NbdReq *r)
         send_status(c, r, ret);
         return;
     }
-    uint8_t h1[NBD_CHUNK_HDR_SIZE], h2[NBD_CHUNK_HDR_SIZE];
-    struct iovec iov[4];
+    uint8_t *h1 = r->rhdr, *h2 = r->rhdr + 32;
+    struct iovec *iov = r->riov;
     int niov = 0;
     if (c->meta_base) {
         chunk_hdr(h1, c->meta_depth ? 0 : NBD_REPLY_FLAG_DONE,
                   NBD_REPLY_TYPE_BLOCK_STATUS, r->cookie, len_base);
-        iov[niov++] = (struct iovec){ h1, sizeof(h1) };
+        iov[niov++] = (struct iovec){ h1, NBD_CHUNK_HDR_SIZE };
         iov[niov++] = (struct iovec){ r->buf, len_base };
     }
     if (c->meta_depth) {
         chunk_hdr(h2, NBD_REPLY_FLAG_DONE, NBD_REPLY_TYPE_BLOCK_STATUS,
                   r->cookie, len_depth);
-        iov[niov++] = (struct iovec){ h2, sizeof(h2) };
+        iov[niov++] = (struct iovec){ h2, NBD_CHUNK_HDR_SIZE };
         iov[niov++] = (struct iovec){ r->buf + per, len_depth };
     }
-    send_locked(c, iov, niov);
+    r->rniov = niov;
 }
 
 static int do_cache(NbdConn *c, NbdReq *r)
@@ -452,7 +511,7 @@ static void req_run(LamTask *t)
         do_block_status(c, r);
         break;
     }
-    put_slot(r);
+    queue_reply(c, r);
 }
 
 /* ---- connection thread ---- */
@@ -510,10 +569,7 @@ static int validate(NbdConn *c, NbdReq *r)
 
 void nbd_transmission(NbdConn *c)
 {
-    if (nbd_inline < 0) {
-        const char *e = getenv("LAMINA_NBD_INLINE");
-        nbd_inline = e ? atoi(e) : 1;
-    }
+    uint32_t inline_max = c->inline_max;
     for (;;) {
         uint8_t h[NBD_REQUEST_SIZE];
         if (nbd_read(c, h, sizeof(h)) < 0) {
@@ -556,16 +612,17 @@ void nbd_transmission(NbdConn *c)
         }
         if (err < 0) {
             send_status(c, r, err);
-            put_slot(r);
+            queue_reply(c, r);
             continue;
         }
         r->task.fn = req_run;
-        if ((nbd_inline && c->rpos == c->rlen && len <= NBD_INLINE_MAX &&
+        if ((c->rpos == c->rlen && len <= inline_max &&
+             !(flags & NBD_CMD_FLAG_FUA) && !c->exp->writethrough &&
              (type == NBD_CMD_READ || type == NBD_CMD_WRITE)) ||
             lam_threadpool_submit(nbd_srv.pool, &r->task) < 0) {
             /* Nothing more buffered: this thread would only sleep in
              * recv(), so it serves the request itself instead of paying
-             * for waking a worker. */
+             * for waking a worker (not FUA writes: a flush can take long). */
             req_run(&r->task);
         }
     }

@@ -18,6 +18,7 @@
 #include <stdbool.h>
 #include <stddef.h>
 #include <stdint.h>
+#include <sys/types.h>
 #include <sys/uio.h>
 
 #include "lamina/block.h"
@@ -42,6 +43,10 @@ typedef struct NbdExport {
 
 typedef struct NbdConn NbdConn;
 
+/* Most chunks in one structured READ reply (data/hole extents). */
+#define NBD_MAX_READ_CHUNKS 64
+#define NBD_REPLY_IOV (2 * NBD_MAX_READ_CHUNKS)
+
 /* One in-flight request.  Slots are preallocated per connection and keep
  * their buffer between requests, so the steady state does not malloc. */
 typedef struct NbdReq {
@@ -56,20 +61,34 @@ typedef struct NbdReq {
     uint8_t *buf;
     size_t bufcap;
     struct NbdReq *next_free;
+    /* The reply, built by whoever executed the request and sent by the
+     * connection's current sender: headers live in rhdr, payloads in buf. */
+    uint8_t rhdr[NBD_MAX_READ_CHUNKS * 32];
+    struct iovec riov[NBD_REPLY_IOV];
+    int rniov;
+    struct NbdReq *next_send;
 } NbdReq;
 
-#define NBD_CONN_SLOTS 32
+/* Requests in flight per connection (read but not yet replied to). */
+#define NBD_CONN_SLOTS 16
 /* Payload bytes buffered for in-flight requests of one connection. */
 #define NBD_CONN_BUDGET (64u * 1024 * 1024)
 /* Slot buffers larger than this are freed after use. */
 #define NBD_SLOT_KEEP (1024u * 1024)
 #define NBD_RBUF_SIZE (64u * 1024)
+/* Requests up to this size are served by the connection thread when it
+ * has nothing else buffered (it would only sleep in recv otherwise). */
+#define NBD_INLINE_MAX (64u * 1024)
+/* A client that does not read its replies for this long is dropped, so
+ * its requests stop holding pool workers. */
+#define NBD_SEND_TIMEOUT_S 30
 
 struct NbdConn {
     int fd;
     char peer[80];
     NbdExport *exp;      /* set by GO/EXPORT_NAME; counted in exp->nconns */
     uint32_t max_conns;  /* server setting at accept time */
+    uint32_t inline_max; /* largest READ/WRITE served by this thread itself */
 
     /* Negotiated state (connection thread only until transmission). */
     bool no_zeroes;
@@ -84,9 +103,14 @@ struct NbdConn {
     size_t rpos, rlen;
     int64_t deadline_ms; /* handshake deadline (monotonic); 0 = none */
 
-    /* send_lock serialises whole replies (all chunks of one reply) on fd
-     * and protects send_failed. */
+    /* send_lock protects the reply queue, sending and send_failed.  It is
+     * held only to queue or take replies: the thread that finds nobody
+     * sending becomes the sender and writes queued replies (whole, one
+     * after another, several per sendmsg) without holding it, so other
+     * workers never block on a busy socket. */
     pthread_mutex_t send_lock;
+    NbdReq *sendq_head, *sendq_tail;
+    bool sending;
     bool send_failed;
 
     /* lock protects free_slots, in_flight, inflight_bytes; cond is
@@ -121,13 +145,17 @@ typedef struct NbdServer {
     NbdListener listeners[NBD_MAX_LISTENERS];
     int nlisteners;
     int wake_pipe[2];
-    char *unix_path;     /* unlinked on stop */
+    char *unix_path;     /* unlinked on stop if still our socket */
+    dev_t unix_dev;
+    ino_t unix_ino;
     char *bound_addr;    /* "host:port" or "unix:path" actually bound */
     NbdExport *exports;
     NbdConn *conns;
     int nconns;
     LamThreadPool *pool;
     unsigned handshake_ms;
+    unsigned send_timeout_ms;
+    uint32_t inline_max;
 } NbdServer;
 
 extern NbdServer nbd_srv;
@@ -159,7 +187,7 @@ void nbd_conn_free_slots(NbdConn *conn);
 int nbd_read(NbdConn *conn, void *buf, size_t len);
 /* Discards len bytes of input. */
 int nbd_skip(NbdConn *conn, size_t len);
-/* Sends all iovecs (caller holds send_lock during transmission). */
+/* Sends all iovecs (during transmission: only the connection's sender). */
 int nbd_sendv(NbdConn *conn, struct iovec *iov, int niov);
 int nbd_send(NbdConn *conn, const void *buf, size_t len);
 

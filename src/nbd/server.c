@@ -12,6 +12,7 @@
 #include <string.h>
 #include <sys/socket.h>
 #include <sys/stat.h>
+#include <sys/time.h>
 #include <sys/un.h>
 #include <time.h>
 #include <unistd.h>
@@ -23,9 +24,11 @@ NbdServer nbd_srv = {
     .cond = PTHREAD_COND_INITIALIZER,
     .wake_pipe = { -1, -1 },
     .handshake_ms = 10000,
+    .send_timeout_ms = NBD_SEND_TIMEOUT_S * 1000,
+    .inline_max = NBD_INLINE_MAX,
 };
 
-#define NBD_POOL_THREADS 64
+#define NBD_POOL_THREADS 256
 /* Requests mostly hit caches: a few hot workers beat a thread per request;
  * requests queued for longer than the delay bring in more workers. */
 #define NBD_POOL_ACTIVE 3
@@ -118,6 +121,10 @@ static void conn_start_locked(int fd)
     c->fd = fd;
     c->rbuf = rbuf;
     c->max_conns = nbd_srv.max_connections;
+    c->inline_max = nbd_srv.inline_max;
+    struct timeval tv = { .tv_sec = nbd_srv.send_timeout_ms / 1000,
+                          .tv_usec = (nbd_srv.send_timeout_ms % 1000) * 1000 };
+    setsockopt(fd, SOL_SOCKET, SO_SNDTIMEO, &tv, sizeof(tv));
     pthread_mutex_init(&c->lock, NULL);
     pthread_mutex_init(&c->send_lock, NULL);
     pthread_cond_init(&c->cond, NULL);
@@ -211,6 +218,10 @@ static int listen_inet(const char *host, const char *port, LamError **errp)
         return -EINVAL;
     }
     int last_err = 0;
+    bool have_v4 = false;
+    for (struct addrinfo *ai = res; ai; ai = ai->ai_next) {
+        have_v4 |= ai->ai_family == AF_INET;
+    }
     for (struct addrinfo *ai = res; ai; ai = ai->ai_next) {
         int fd = socket(ai->ai_family, ai->ai_socktype | SOCK_CLOEXEC,
                         ai->ai_protocol);
@@ -220,8 +231,9 @@ static int listen_inet(const char *host, const char *port, LamError **errp)
         }
         int one = 1;
         setsockopt(fd, SOL_SOCKET, SO_REUSEADDR, &one, sizeof(one));
-        if (ai->ai_family == AF_INET6) {
-            /* Separate sockets for v4 and v6 of the same name. */
+        if (ai->ai_family == AF_INET6 && have_v4) {
+            /* The v4 address gets its own socket; a lone "::" stays
+             * dual-stack. */
             setsockopt(fd, IPPROTO_IPV6, IPV6_V6ONLY, &one, sizeof(one));
         }
         if (bind(fd, ai->ai_addr, ai->ai_addrlen) < 0) {
@@ -283,6 +295,10 @@ static int listen_unix(const char *path, LamError **errp)
         return -EINVAL;
     }
     nbd_srv.unix_path = strdup(path);
+    if (stat(path, &st) == 0) {
+        nbd_srv.unix_dev = st.st_dev;
+        nbd_srv.unix_ino = st.st_ino;
+    }
     if (asprintf(&nbd_srv.bound_addr, "unix:%s", path) < 0) {
         nbd_srv.bound_addr = NULL;
     }
@@ -311,8 +327,13 @@ static void close_listeners(void)
         }
         nbd_srv.wake_pipe[i] = -1;
     }
-    if (nbd_srv.unix_path) {
+    struct stat st;
+    if (nbd_srv.unix_path && stat(nbd_srv.unix_path, &st) == 0 &&
+        st.st_dev == nbd_srv.unix_dev && st.st_ino == nbd_srv.unix_ino) {
+        /* Only our own socket: someone may have bound the path since. */
         unlink(nbd_srv.unix_path);
+    }
+    if (nbd_srv.unix_path) {
         free(nbd_srv.unix_path);
         nbd_srv.unix_path = NULL;
     }
@@ -341,6 +362,14 @@ static int start(const char *type, const char *host, const char *port,
     const char *env = getenv("LAMINA_NBD_HANDSHAKE_TIMEOUT_MS");
     if (env && atoi(env) > 0) {
         lam_nbd_set_handshake_timeout((unsigned)atoi(env));
+    }
+    env = getenv("LAMINA_NBD_INLINE_MAX"); /* 0 = always use the pool */
+    if (env) {
+        nbd_srv.inline_max = (uint32_t)atoi(env);
+    }
+    env = getenv("LAMINA_NBD_SEND_TIMEOUT_MS");
+    if (env && atoi(env) > 0) {
+        nbd_srv.send_timeout_ms = (unsigned)atoi(env);
     }
     if (pipe2(nbd_srv.wake_pipe, O_CLOEXEC) < 0) {
         lam_error_setg_errno(errp, -errno, "Failed to create pipe");

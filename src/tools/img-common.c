@@ -206,6 +206,9 @@ int img_open(ImgImage *im, const char *filename, const char *fmt, int flags,
     if (flags & IMG_OPEN_SHARE) {
         oflags |= LAM_O_FORCE_SHARE;
     }
+    if (flags & IMG_OPEN_NOCACHE) {
+        oflags |= LAM_O_NOCACHE;
+    }
     if (flags & IMG_OPEN_NO_FLUSH) {
         oflags |= LAM_O_NO_FLUSH;
     }

@@ -21,6 +21,7 @@ int img_rebase(int argc, char **argv);
 int img_commit(int argc, char **argv);
 int img_resize(int argc, char **argv);
 int img_measure(int argc, char **argv);
+int img_dd(int argc, char **argv);
 
 /* -q: no normal output (errors still go to stderr). */
 extern bool img_quiet;
@@ -70,6 +71,7 @@ enum {
     IMG_OPEN_RESIZE = 1 << 4,     /* root takes the resize permission */
     IMG_OPEN_QUIET_ERR = 1 << 5,  /* leave reporting to the caller */
     IMG_OPEN_NO_FLUSH = 1 << 6,   /* cache=unsafe: flushes do nothing */
+    IMG_OPEN_NOCACHE = 1 << 7,    /* cache=none: O_DIRECT */
 };
 /* Opens filename (fmt NULL: probe) and attaches a root.  On failure
  * reports "Could not open 'x': reason" (unless QUIET_ERR, then *errp is

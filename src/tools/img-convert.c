@@ -21,8 +21,16 @@
 #include "tools/img-common.h"
 #include "tools/img-fmtopts.h"
 
+#define MAX_SOURCES 64
+
 typedef struct Conv {
-    ImgImage src, dst, base;
+    /* Several sources are concatenated, as qemu-img does. */
+    ImgImage src[MAX_SOURCES];
+    int nsrc;
+    int64_t src_start[MAX_SOURCES + 1]; /* offset of each source; [nsrc] = end */
+    int64_t src_len[MAX_SOURCES];       /* its length; its slot is rounded
+                                         * up to 512 bytes as in qemu-img */
+    ImgImage dst, base;
     bool has_base;
     LamNode *src_base;   /* the -B file inside the source's chain, if there */
     int64_t size;        /* bytes to write: the target's length when we
@@ -31,12 +39,15 @@ typedef struct Conv {
     int64_t base_size;
     int64_t gran;        /* write granularity: target cluster (or 4k) */
     int64_t chunk;
-    int64_t sparse;      /* -S in bytes; 0: no zero detection in data */
+    int64_t sparse;      /* -S in bytes */
+    bool full;           /* -S 0: write every byte, the target is fully
+                          * allocated (no status or zero checks) */
     bool compress;
     bool target_zeroed;  /* target reads as zeroes before we write */
     bool ordered;        /* no -W */
 
-    /* lock protects everything below; cond signals write_seq changes. */
+    /* lock protects everything below (scheduling state shared by the
+     * workers); cond is broadcast when write_seq, writers or err change. */
     pthread_mutex_t lock;
     pthread_cond_t cond;
     int64_t next_off;
@@ -44,7 +55,11 @@ typedef struct Conv {
     bool st_zero;        /* that extent reads as zeroes */
     bool st_skip;        /* that extent comes from the -B file itself */
     uint64_t next_seq, write_seq;
+    int writers;         /* writes in progress */
+    int max_writers;     /* -W: writes allowed at once */
     int err;
+    int64_t err_off;     /* where the first failed request started */
+    bool err_read;       /* it was a read */
     int64_t done;
 } Conv;
 
@@ -53,10 +68,54 @@ static int64_t min64(int64_t a, int64_t b)
     return a < b ? a : b;
 }
 
+/* The source holding byte off (off < src_size). */
+static int src_index(Conv *c, int64_t off)
+{
+    int i = 0;
+    while (i + 1 < c->nsrc && off >= c->src_start[i + 1]) {
+        i++;
+    }
+    return i;
+}
+
+/* Reads [off, off+len) of the concatenated sources; zeroes past them. */
+static int read_sources(Conv *c, int64_t off, int64_t len, uint8_t *buf)
+{
+    while (len > 0) {
+        if (off >= c->src_size) {
+            memset(buf, 0, len);
+            return 0;
+        }
+        int i = src_index(c, off);
+        int64_t n = min64(len, c->src_start[i + 1] - off);
+        int64_t lo = off - c->src_start[i];
+        int64_t have = min64(n, c->src_len[i] - lo);
+        if (have > 0) {
+            int r = lam_co_pread(c->src[i].root, lo, have, buf, 0);
+            if (r < 0) {
+                return r;
+            }
+        } else {
+            have = 0;
+        }
+        memset(buf + have, 0, n - have);
+        off += n;
+        buf += n;
+        len -= n;
+    }
+    return 0;
+}
+
 /* Under c->lock: refreshes the cached source status at c->next_off. */
 static int refresh_status(Conv *c)
 {
     int64_t o = c->next_off;
+    if (c->full) {
+        c->st_end = c->size;
+        c->st_zero = false;
+        c->st_skip = false;
+        return 0;
+    }
     if (o >= c->src_size) {
         /* Tail of a target rounded up past the source: zeroes. */
         c->st_end = c->size;
@@ -67,14 +126,23 @@ static int refresh_status(Conv *c)
     int64_t pnum = 0, map;
     LamNode *file;
     int depth = 0;
-    int st = lam_co_block_status_above(c->src.root, c->src_base, o,
-                                       c->src_size - o, &pnum, &map, &file,
-                                       &depth);
+    int i = src_index(c, o);
+    int64_t lo = o - c->src_start[i], left = c->src_len[i] - lo;
+    if (left <= 0) {
+        /* The rounding tail of a source whose length isn't a multiple
+         * of 512. */
+        c->st_end = c->src_start[i + 1];
+        c->st_zero = true;
+        c->st_skip = false;
+        return 0;
+    }
+    int st = lam_co_block_status_above(c->src[i].root, c->src_base, lo, left,
+                                       &pnum, &map, &file, &depth);
     if (st < 0) {
         return st;
     }
-    if (pnum <= 0) {
-        pnum = c->src_size - o;
+    if (pnum <= 0 || pnum > left) {
+        pnum = left;
     }
     c->st_end = o + pnum;
     c->st_zero = (st & LAM_BS_ZERO) || depth == 0;
@@ -99,6 +167,7 @@ static bool next_chunk(Conv *c, int64_t *off, int64_t *len, bool *zero,
             int r = refresh_status(c);
             if (r < 0) {
                 c->err = r;
+                pthread_cond_broadcast(&c->cond);
                 return false;
             }
         }
@@ -160,6 +229,9 @@ static int write_zeroes(Conv *c, int64_t off, int64_t len)
 static int write_chunk(Conv *c, int64_t off, int64_t len, uint8_t *buf,
                        uint8_t *bbuf)
 {
+    if (c->full && !c->compress) {
+        return lam_co_pwrite(c->dst.root, off, len, buf, 0);
+    }
     if (!buf && !c->has_base) {
         return write_zeroes(c, off, len);
     }
@@ -253,37 +325,46 @@ static int worker(int idx, void *opaque)
         int r = 0;
         uint8_t *data = NULL;
         if (!zero && !skip) {
-            int64_t n = min64(len, c->src_size - off);
-            r = lam_co_pread(c->src.root, off, n, buf, 0);
-            if (n < len) {
-                memset(buf + n, 0, len - n);
-            }
+            r = read_sources(c, off, len, buf);
             data = buf;
         }
-        if (r >= 0 && c->has_base && !skip) {
+        if (r >= 0 && c->has_base && !skip && !c->full) {
             memset(bbuf, 0, len);
             if (off < c->base_size) {
                 r = lam_co_pread(c->base.root, off, min64(len, c->base_size - off),
                                  bbuf, 0);
             }
         }
+        pthread_mutex_lock(&c->lock);
         if (c->ordered) {
-            pthread_mutex_lock(&c->lock);
             while (c->write_seq != seq && !c->err) {
                 pthread_cond_wait(&c->cond, &c->lock);
             }
-            bool failed = c->err != 0;
-            pthread_mutex_unlock(&c->lock);
-            if (failed) {
-                break;
+        } else {
+            while (c->writers >= c->max_writers && !c->err) {
+                pthread_cond_wait(&c->cond, &c->lock);
             }
         }
+        bool failed = c->err != 0;
+        c->writers++;
+        pthread_mutex_unlock(&c->lock);
+        if (failed) {
+            pthread_mutex_lock(&c->lock);
+            c->writers--;
+            pthread_cond_broadcast(&c->cond);
+            pthread_mutex_unlock(&c->lock);
+            break;
+        }
+        bool rd_err = r < 0;
         if (r >= 0 && !skip) {
             r = write_chunk(c, off, len, data, bbuf);
         }
         pthread_mutex_lock(&c->lock);
+        c->writers--;
         if (r < 0 && !c->err) {
             c->err = r;
+            c->err_off = off;
+            c->err_read = rd_err;
         }
         c->write_seq++;
         c->done += len;
@@ -315,7 +396,7 @@ int img_convert(int argc, char **argv)
     /* qemu-img convert writes with cache=unsafe unless -t says otherwise:
      * the target is complete when the command ends, durability is the
      * caller's business (sync). */
-    bool no_flush = true;
+    bool no_flush = true, direct = false;
     int64_t sparse = 4096;
     int threads = 8, c, ret = 1;
     json_t *o = json_object();
@@ -338,6 +419,13 @@ int img_convert(int argc, char **argv)
         case 'U': share = true; break;
         case 'Z': target_is_zero = true; break;
         case 't':
+            if (!strcmp(optarg, "none") || !strcmp(optarg, "directsync")) {
+                direct = true;
+            } else if (strcmp(optarg, "unsafe") && strcmp(optarg, "writeback") &&
+                       strcmp(optarg, "writethrough")) {
+                img_error("Invalid cache option: %s", optarg);
+                goto out_opts;
+            }
             no_flush = !strcmp(optarg, "unsafe");
             break;
         case 'T': break; /* source cache mode: accepted */
@@ -390,8 +478,12 @@ int img_convert(int argc, char **argv)
         img_help_hint();
         goto out_opts;
     }
-    if (argc - optind > 2) {
-        img_error("Converting several source images into one is not supported");
+    if (argc - optind - 1 > MAX_SOURCES) {
+        img_error("At most %d source images are supported", MAX_SOURCES);
+        goto out_opts;
+    }
+    if (base && argc - optind > 2) {
+        img_error("-B is not supported with several source images");
         goto out_opts;
     }
     if (base && !base_fmt && !skip_create) {
@@ -409,16 +501,24 @@ int img_convert(int argc, char **argv)
     if (img_quiet) {
         progress = false;
     }
-    const char *src_name = argv[optind], *dst_name = argv[optind + 1];
+    const char *dst_name = argv[argc - 1];
 
-    if (img_open(&cv.src, src_name, fmt, share ? IMG_OPEN_SHARE : 0, NULL,
-                 NULL) < 0) {
-        goto out_opts;
-    }
-    cv.size = lam_node_length(cv.src.node);
-    if (cv.size < 0) {
-        img_error("Could not get size of '%s': %s", src_name, strerror((int)-cv.size));
-        goto out_src;
+    for (int i = optind; i < argc - 1; i++) {
+        ImgImage *si = &cv.src[cv.nsrc];
+        if (img_open(si, argv[i], fmt, share ? IMG_OPEN_SHARE : 0, NULL,
+                     NULL) < 0) {
+            goto out_src;
+        }
+        cv.nsrc++;
+        int64_t l = lam_node_length(si->node);
+        if (l < 0) {
+            img_error("Could not get size of %s: %s", argv[i], strerror((int)-l));
+            goto out_src;
+        }
+        cv.src_start[cv.nsrc - 1] = cv.size;
+        cv.src_len[cv.nsrc - 1] = l;
+        cv.size += (l + 511) / 512 * 512;
+        cv.src_start[cv.nsrc] = cv.size;
     }
     if (!skip_create) {
         if (base) {
@@ -431,6 +531,7 @@ int img_convert(int argc, char **argv)
     }
     if (img_open(&cv.dst, dst_name, out_fmt, IMG_OPEN_RW |
                  (no_flush ? IMG_OPEN_NO_FLUSH : 0) |
+                 (direct ? IMG_OPEN_NOCACHE : 0) |
                  (base ? 0 : IMG_OPEN_NO_BACKING), NULL, NULL) < 0) {
         goto out_src;
     }
@@ -442,6 +543,13 @@ int img_convert(int argc, char **argv)
         }
     } else {
         int64_t dl = lam_node_length(cv.dst.node);
+        if (dl >= 0 && dl < cv.size && (dl + 511) / 512 * 512 >= cv.size) {
+            /* Only the 512-byte rounding of an odd-sized target differs. */
+            cv.size = dl;
+            if (cv.src_size > dl) {
+                cv.src_size = dl;
+            }
+        }
         if (dl >= 0 && dl < cv.size) {
             img_error("Target image is too small (%lld bytes, need %lld)",
                       (long long)dl, (long long)cv.size);
@@ -456,7 +564,7 @@ int img_convert(int argc, char **argv)
             goto out_dst;
         }
         cv.has_base = true;
-        for (LamNode *n = lam_node_backing_node(cv.src.node); n;
+        for (LamNode *n = lam_node_backing_node(cv.src[0].node); n;
              n = lam_node_backing_node(n)) {
             if (img_same_file(lam_node_filename(n), lam_node_filename(cv.base.node))) {
                 cv.src_base = n;
@@ -483,9 +591,15 @@ int img_convert(int argc, char **argv)
     }
     cv.chunk = cv.chunk / cv.gran * cv.gran;
     cv.sparse = sparse;
+    cv.full = sparse == 0;
     cv.compress = compress;
     cv.target_zeroed = (!skip_create || target_is_zero) && !base;
     cv.ordered = !wr_oo;
+    /* Buffered writes to one file serialise in the kernel (the inode
+     * lock), and contended they cost more than they gain: one writer at a
+     * time, while reads and zero detection stay parallel.  Compression
+     * (done inside the write) and O_DIRECT writes gain from parallelism. */
+    cv.max_writers = compress || direct ? threads : 1;
     pthread_mutex_init(&cv.lock, NULL);
     pthread_cond_init(&cv.cond, NULL);
 
@@ -499,7 +613,8 @@ int img_convert(int argc, char **argv)
     }
     if (r < 0) {
         img_progress_end();
-        img_error("error while writing at byte %lld: %s", (long long)cv.next_off,
+        img_error("error while %s at byte %lld: %s",
+                  cv.err_read ? "reading" : "writing", (long long)cv.err_off,
                   strerror(-r));
     } else {
         img_progress_set(100.0);
@@ -518,7 +633,9 @@ out_dst:
     }
     img_close(&cv.dst);
 out_src:
-    img_close(&cv.src);
+    for (int i = 0; i < cv.nsrc; i++) {
+        img_close(&cv.src[i]);
+    }
 out_opts:
     json_decref(o);
     return ret;

@@ -60,6 +60,8 @@ static void deadline_in(struct timespec *ts, int64_t us)
     }
 }
 
+static int spawn_worker(LamThreadPool *p);
+
 static void *worker_main(void *opaque)
 {
     LamThreadPool *p = opaque;
@@ -77,6 +79,17 @@ static void *worker_main(void *opaque)
             }
             p->nqueued--;
             p->nrunning++;
+            if (p->head && !p->watcher && p->nwoken == 0) {
+                /* Tasks wait behind us and nobody may notice if we block:
+                 * get an idle worker (or a new spare) to watch the queue's
+                 * age. */
+                if (p->nidle > 0) {
+                    p->nwoken++;
+                    pthread_cond_signal(&p->work);
+                } else if (p->nthreads < p->max_threads) {
+                    spawn_worker(p);
+                }
+            }
             pthread_mutex_unlock(&p->lock);
 
             t->fn(t);
@@ -105,7 +118,10 @@ static void *worker_main(void *opaque)
         if (paced) {
             p->watcher = false;
         }
-        if (r != ETIMEDOUT && p->nwoken > 0) {
+        /* A signal can race with a timeout and be consumed by it, so any
+         * return counts as the wake-up: undercounting only costs an extra
+         * signal later, overcounting could leave tasks unnoticed. */
+        if (p->nwoken > 0) {
             p->nwoken--;
         }
         if (r == ETIMEDOUT && !paced && !p->head && !p->stopping) {
@@ -190,9 +206,11 @@ int lam_threadpool_submit(LamThreadPool *p, LamTask *task)
     p->nqueued++;
     /* Get one more worker looking if the queued tasks outnumber the
      * workers already on their way and pacing allows another start. */
-    if (p->nqueued > p->nwoken &&
-        (p->nrunning + p->nwoken < p->max_active ||
-         now - p->head->queued_us >= p->delay_us)) {
+    bool allowed = p->nrunning + p->nwoken < p->max_active ||
+                   now - p->head->queued_us >= p->delay_us;
+    if ((p->nqueued > p->nwoken && allowed) ||
+        (p->nrunning == 0 && p->nwoken == 0)) {
+        /* (Nobody running and nobody on the way: someone must look.) */
         if (p->nidle > p->nwoken) {
             p->nwoken++;
             pthread_cond_signal(&p->work);

@@ -1,12 +1,14 @@
 """Helpers for the NBD server tests.
 
-`NbdServe` runs one export.  It uses laminad (+ QMP) when built, else the
-nbd-serve harness from tests/unit/nbd; both give the same interface:
-  uri / uri_tcp, delete(hard), add(), stop_server(), query(), events(),
-  close().
+`NbdServe(...)` runs one export (id exp0 of node node0).  It uses laminad
+driven over QMP when built (set LAMINA_NBD_HARNESS=1 to force the
+nbd-serve harness from tests/unit/nbd instead); both give the interface:
+  uri, sock / port, delete(hard), add(), stop_server(), query(), events(),
+  alive(), close().
 `RawClient` speaks the NBD protocol over a plain socket for the
 misbehaving-client tests.
 """
+import json
 import os
 import queue
 import select
@@ -16,7 +18,7 @@ import subprocess
 import threading
 import time
 
-from conftest import BUILD
+from conftest import BUILD, LAMINAD
 
 NBD_SERVE = os.path.join(BUILD, "tests", "unit", "nbd", "nbd-serve")
 
@@ -38,8 +40,114 @@ CMD_CACHE, CMD_WRITE_ZEROES, CMD_BLOCK_STATUS = 5, 6, 7
 EPERM, EIO, EINVAL, ENOSPC, EOVERFLOW, ENOTSUP = 1, 5, 22, 28, 75, 95
 
 
-class NbdServe:
-    """One NBD export of `image` served by the harness."""
+def NbdServe(image, **kw):
+    if LAMINAD and not os.environ.get("LAMINA_NBD_HARNESS"):
+        return DaemonServe(image, **kw)
+    return HarnessServe(image, **kw)
+
+
+def free_port():
+    s = socket.socket()
+    s.bind(("127.0.0.1", 0))
+    port = s.getsockname()[1]
+    s.close()
+    return port
+
+
+class DaemonServe:
+    """One NBD export of `image` served by laminad, set up over QMP."""
+    kind = "laminad"
+
+    def __init__(self, image, fmt="raw", writable=False, name="exp",
+                 description=None, allocation_depth=False, max_conn=100,
+                 tcp=False, writethrough=False, env=None, host="127.0.0.1"):
+        from qmp_util import Daemon
+        self.name = name
+        self.tmpdir = os.path.dirname(os.path.abspath(image))
+        self.sock = os.path.join(self.tmpdir, "nbd-%d.sock" % id(self))
+        old = dict(os.environ)
+        os.environ.update(env or {})
+        try:
+            self.d = Daemon([], self.tmpdir)
+        finally:
+            os.environ.clear()
+            os.environ.update(old)
+        self.qmp = self.d.qmp
+        self._events = []
+        try:
+            self.qmp.cmd("blockdev-add", {"driver": fmt, "node-name": "node0",
+                                          "file": {"driver": "file", "filename": image}})
+            if tcp:
+                self.port = free_port()
+                addr = {"type": "inet", "data": {"host": host,
+                                                 "port": str(self.port)}}
+                uh = "[%s]" % host if ":" in host else host
+                self.uri = "nbd://%s:%d/%s" % (uh, self.port, name)
+            else:
+                self.port = None
+                addr = {"type": "unix", "data": {"path": self.sock}}
+                self.uri = "nbd+unix:///%s?socket=%s" % (name, self.sock)
+            self.qmp.cmd("nbd-server-start", addr=addr, max_connections=max_conn)
+            self.export = {"type": "nbd", "id": "exp0", "node-name": "node0",
+                           "name": name, "writable": writable,
+                           "writethrough": writethrough,
+                           "allocation-depth": allocation_depth}
+            if description is not None:
+                self.export["description"] = description
+            self.qmp.cmd("block-export-add", self.export)
+        except Exception:
+            self.d.stop()
+            raise
+
+    def _try(self, name, args=None):
+        from qmp_util import QMPError
+        try:
+            self.qmp.cmd(name, args)
+            return None
+        except QMPError as e:
+            return e.desc
+
+    def delete(self, hard=False):
+        return self._try("block-export-del", {"id": "exp0",
+                                              "mode": "hard" if hard else "safe"})
+
+    def add(self):
+        return self._try("block-export-add", self.export)
+
+    def stop_server(self):
+        return self._try("nbd-server-stop")
+
+    def query(self):
+        return self.qmp.cmd("query-block-exports")
+
+    def events(self, wait=1.0):
+        """Events so far as [name, compact JSON data]; waits up to `wait`
+        seconds for one to arrive when none is queued."""
+        for ev in self.qmp.events(timeout=wait):
+            self._events.append([ev["event"], json.dumps(ev.get("data", {}),
+                                                         separators=(",", ":"))])
+        return list(self._events)
+
+    def alive(self):
+        return self.d.proc.poll() is None
+
+    def close(self, timeout=30):
+        if self.alive():
+            self.events(wait=0)
+            rc = self.d.stop(timeout=timeout)
+            if rc != 0:
+                raise AssertionError("laminad exited %s: %s" % (rc, self.d.output()))
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *a):
+        self.close()
+
+
+class HarnessServe:
+    """One NBD export of `image` served by the nbd-serve harness."""
+    kind = "harness"
 
     def __init__(self, image, fmt="raw", writable=False, name="exp",
                  description=None, allocation_depth=False, max_conn=100,
@@ -121,7 +229,10 @@ class NbdServe:
         import json
         return json.loads(self._cmd("query", "exports ").split(" ", 1)[1])
 
-    def events(self):
+    def events(self, wait=0.5):
+        end = time.time() + wait
+        while not self._events and time.time() < end:
+            time.sleep(0.02)
         return list(self._events)
 
     def alive(self):

@@ -146,3 +146,58 @@ def test_backing_B_not_in_source_chain(tmp_path):
     own = sum(e["length"] for e in m if e["depth"] == 0 and e["present"])
     # top wrote 64k + 1M (zeroes) + 128k over mid.
     assert 0 < own <= (64 << 10) + (1 << 20) + (128 << 10)
+
+
+@pytest.mark.parametrize("cache", ["none", "directsync", "writeback", "unsafe"])
+@pytest.mark.parametrize("fmt", ["qcow2", "raw"])
+def test_cache_modes(tmp_path, cache, fmt):
+    src = mixed_qcow2(str(tmp_path / "s.qcow2"))
+    dst = str(tmp_path / f"d.{fmt}")
+    lam("convert", "-t", cache, "-W", "-O", fmt, src, dst)
+    assert_same_content(src, dst, "qcow2", fmt)
+    if fmt == "qcow2":
+        assert_qemu_clean(dst)
+
+
+def test_bad_cache_mode(tmp_path):
+    src = raw_with_holes(str(tmp_path / "s.raw"))
+    p = lam("convert", "-t", "bogus", "-O", "raw", src, tmp_path / "d.raw", check=False)
+    assert p.returncode == 1
+    assert "Invalid cache option" in p.stderr
+
+
+def test_several_sources_concatenated(tmp_path):
+    a = mixed_qcow2(str(tmp_path / "a.qcow2"))
+    odd = tmp_path / "odd.raw"
+    odd.write_bytes(os.urandom(1000000))
+    b = raw_with_holes(str(tmp_path / "b.raw"))
+    ours, theirs = str(tmp_path / "l.qcow2"), str(tmp_path / "q.qcow2")
+    lam("convert", "-W", "-O", "qcow2", a, odd, b, ours)
+    qimg("convert", "-O", "qcow2", a, odd, b, theirs)
+    assert_qemu_clean(ours)
+    assert_same_content(ours, theirs)
+    assert jqimg("info", "--output=json", ours)["virtual-size"] == \
+        jqimg("info", "--output=json", theirs)["virtual-size"]
+
+
+def test_skip_create_odd_raw_target(tmp_path):
+    src = tmp_path / "odd.raw"
+    src.write_bytes(os.urandom(1000000))
+    dst = tmp_path / "t.raw"
+    dst.write_bytes(b"\0" * 1000000)
+    lam("convert", "-n", "-f", "raw", "-O", "raw", src, dst)
+    assert dst.read_bytes() == src.read_bytes()
+
+
+@pytest.mark.parametrize("extra", [[], ["-B", "s.qcow2", "-F", "qcow2"]])
+def test_sparse_zero_means_fully_allocated(tmp_path, extra):
+    src = mixed_qcow2(str(tmp_path / "s.qcow2"))
+    ours, theirs = str(tmp_path / "l.qcow2"), str(tmp_path / "q.qcow2")
+    lam("convert", "-S", "0", "-O", "qcow2", *extra, src, ours)
+    qimg("convert", "-S", "0", "-O", "qcow2", *extra, src, theirs)
+    assert jqimg("map", "--output=json", ours) == jqimg("map", "--output=json", theirs)
+    assert_qemu_clean(ours)
+    assert_same_content(src, ours)
+    raw = str(tmp_path / "l.raw")
+    lam("convert", "-S", "0", "-O", "raw", src, raw)
+    assert os.stat(raw).st_blocks * 512 >= 64 << 20

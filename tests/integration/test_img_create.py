@@ -17,6 +17,9 @@ from img_util import assert_qemu_clean, jqimg, lam, qimg
     ("qcow2", "compression_type=zstd,lazy_refcounts=on", "1G"),
     ("qcow2", "preallocation=metadata,cluster_size=512k", "16M"),
     ("qcow2", "refcount_bits=8", "3G"),
+    ("qcow2", "preallocation=falloc", "8M"),
+    ("qcow2", "preallocation=full,cluster_size=4k", "4M"),
+    ("raw", "preallocation=full", "2M"),
 ])
 def test_create_matches_qemu(tmp_path, fmt, opts, size):
     ours, theirs = tmp_path / f"l.{fmt}", tmp_path / f"q.{fmt}"

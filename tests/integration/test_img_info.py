@@ -101,3 +101,11 @@ def test_internal_snapshots_listed(tmp_path):
     qimg("snapshot", "-c", "snap1", f)
     qimg("snapshot", "-c", "a much longer snapshot tag name", f)
     check_same(f)
+
+
+def test_qcow2_over_raw_chain(tmp_path):
+    base = raw_with_holes(str(tmp_path / "b.raw"))
+    top = str(tmp_path / "t.qcow2")
+    qimg("create", "-q", "-f", "qcow2", "-b", "b.raw", "-F", "raw", top)
+    check_same(top)
+    check_same("--backing-chain", top)

@@ -77,3 +77,32 @@ def test_safe_new_backing_missing(tmp_path):
     p = lam("rebase", "-b", "nope.qcow2", "-F", "qcow2", top, check=False)
     assert p.returncode == 1
     assert jqimg("info", "--output=json", top)["backing-filename"] == "mid.qcow2"
+
+
+def test_add_backing_to_standalone_image(tmp_path):
+    img = mixed_qcow2(str(tmp_path / "a.qcow2"))
+    before = snapshot_raw(tmp_path, img, "before.raw")
+    nb = str(tmp_path / "nb.qcow2")
+    qimg("create", "-q", "-f", "qcow2", nb, "64M")
+    qio(nb, "write -P 0xcd 0 64M")
+    lam("rebase", "-b", "nb.qcow2", "-F", "qcow2", img)
+    assert jqimg("info", "--output=json", img)["backing-filename"] == "nb.qcow2"
+    assert_qemu_clean(img)
+    assert_same_content(img, before, "qcow2", "raw")
+
+
+def test_rebase_matches_qemu_allocation(tmp_path):
+    # Same inputs through both tools: same content, and lamina-img does not
+    # allocate more than qemu-img does.
+    import shutil
+    base, mid, top = chain(str(tmp_path))
+    top2 = str(tmp_path / "top2.qcow2")
+    shutil.copy(top, top2)
+    lam("rebase", "-b", "base.qcow2", "-F", "qcow2", top)
+    qimg("rebase", "-b", "base.qcow2", "-F", "qcow2", top2)
+    assert_same_content(top, top2)
+
+    def allocated(f):
+        return sum(e["length"] for e in jqimg("map", "--output=json", f)
+                   if e["depth"] == 0 and e["present"])
+    assert allocated(top) <= allocated(top2)

@@ -86,3 +86,13 @@ def test_measure_errors():
     p = lam("measure", "-O", "qcow2", check=False)
     assert p.returncode == 1
     assert "Either --size N or one filename must be specified." in p.stderr
+
+
+@pytest.mark.parametrize("prealloc", ["falloc", "full"])
+def test_grow_preallocated(tmp_path, prealloc):
+    f = str(tmp_path / "x.raw")
+    qimg("create", "-q", "-f", "raw", f, "1M")
+    lam("resize", "-f", "raw", f"--preallocation={prealloc}", f, "5M")
+    import os
+    assert os.stat(f).st_blocks * 512 >= 4 << 20
+    assert jqimg("info", "--output=json", "-f", "raw", f)["virtual-size"] == 5 << 20

@@ -2,13 +2,15 @@
 fio.  QEMU's tools are the oracle for what the export contains."""
 import json
 import os
+import socket
 import shutil
 import subprocess
 import threading
+import time
 
 import pytest
 
-from conftest import run
+from conftest import LAMINAD, run
 from nbd_util import NbdServe
 
 
@@ -121,12 +123,13 @@ def test_nbdcopy_both_directions(tmp_path, raw_img):
 
 
 @pytest.mark.skipif(not shutil.which("fio"), reason="fio missing")
-def test_fio_verify(raw_img):
+def test_fio_verify(tmp_path, raw_img):
     with NbdServe(raw_img, writable=True) as srv:
+        # cwd: fio leaves a verify state file behind
         p = run(["fio", "--name=v", "--ioengine=nbd", "--uri=" + srv.uri,
                  "--rw=randwrite", "--bs=4k", "--iodepth=16", "--size=16M",
                  "--verify=crc32c", "--verify_fatal=1", "--do_verify=1",
-                 "--output-format=json"])
+                 "--output-format=json"], cwd=str(tmp_path))
         res = json.loads(p.stdout[p.stdout.index("{"):])
         assert res["jobs"][0]["error"] == 0
 
@@ -180,3 +183,48 @@ def test_qcow2_export_with_backing(tmp_path):
         assert depth[(1 << 20, 2 << 20)] == 1
         assert mp[-1]["type"] == 0
     run(["qemu-img", "check", top])
+
+
+def ipv6_available():
+    try:
+        s = socket.socket(socket.AF_INET6)
+        s.bind(("::1", 0))
+        s.close()
+        return True
+    except OSError:
+        return False
+
+
+@pytest.mark.skipif(not LAMINAD, reason="laminad not built")
+@pytest.mark.parametrize("host", ["::1", "localhost", "::"])
+def test_tcp_ipv6_and_names(raw_img, host):
+    if ":" in host and not ipv6_available():
+        pytest.skip("no IPv6 loopback")
+    with NbdServe(raw_img, writable=True, tcp=True, host=host) as srv:
+        port = srv.port
+        # "::1" listens on v6 only; "localhost" on both loopbacks; "::" is
+        # dual-stack
+        fams = {a[0] for a in socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)}
+        uris = []
+        if socket.AF_INET in fams or host == "::":
+            uris.append("nbd://127.0.0.1:%d/exp" % port)
+        if socket.AF_INET6 in fams and ipv6_available():
+            uris.append("nbd://[::1]:%d/exp" % port)
+        assert uris
+        for i, u in enumerate(uris):
+            qemu_io(u, "write -P %d 0 64k" % (i + 1), "read -P %d 0 64k" % (i + 1))
+
+
+def test_nbdcopy_single_connection_no_stall(tmp_path):
+    """Regression: a lost worker wake-up left the last requests of a copy
+    queued until an idle worker's 10 s timeout."""
+    src = str(tmp_path / "full.raw")
+    with open(src, "wb") as f:
+        blk = os.urandom(1 << 20)
+        for _ in range(128):
+            f.write(blk)
+    with NbdServe(src) as srv:
+        for _ in range(4):
+            t = time.time()
+            run(["nbdcopy", "--connections=1", srv.uri, "null:"])
+            assert time.time() - t < 5

@@ -284,3 +284,90 @@ def test_many_in_flight_requests(img):
             assert h.aio_command_completed(cookies[i])
             assert rd[i].to_bytearray() == bytearray([i]) * 65536
         h.shutdown()
+
+
+def test_export_name_option_with_and_without_zeroes(img):
+    with NbdServe(img) as srv:
+        for cflags, pad in ((1, 124), (3, 0)):
+            c = RawClient(srv, handshake=False)
+            c.greet(cflags)
+            c.opt(U.OPT_EXPORT_NAME, b"exp")
+            size, tflags = struct.unpack(">QH", c.recvn(10))
+            assert size == 16 * MiB and tflags & 1 and tflags & 2  # read-only
+            if pad:
+                assert c.recvn(pad) == bytes(pad)
+            c.request(U.CMD_READ, 0, 8, cookie=7)
+            assert c.simple_reply(8) == (0, 7, b"\xaa" * 8)
+            c.request(U.CMD_DISC)
+            assert c.is_closed()
+        c = RawClient(srv)
+        c.opt(U.OPT_EXPORT_NAME, b"missing")
+        assert c.is_closed()
+
+
+def test_info_name_description_block_size(img):
+    with NbdServe(img, description="hello") as srv:
+        c = RawClient(srv)
+        c.opt(U.OPT_INFO, struct.pack(">I", 3) + b"exp" + struct.pack(">HHHH", 3, 1, 2, 3))
+        reps = c.replies()
+        assert reps[-1][1] == U.REP_ACK
+        infos = {struct.unpack(">H", p[:2])[0]: p[2:] for _, t, p in reps if t == U.REP_INFO}
+        assert infos[1] == b"exp"
+        assert infos[2] == b"hello"
+        assert struct.unpack(">III", infos[3]) == (1, 4096, 32 * MiB)
+        size, tflags = struct.unpack(">QH", infos[0])
+        assert size == 16 * MiB
+        assert not tflags & (1 << 7)  # no DF without structured replies
+        c.structured_reply()
+        c.opt(U.OPT_INFO, struct.pack(">I", 3) + b"exp\0\0")
+        infos = {struct.unpack(">H", p[:2])[0]: p[2:] for _, t, p in c.replies()
+                 if t == U.REP_INFO}
+        assert struct.unpack(">QH", infos[0])[1] & (1 << 7)
+        assert 1 not in infos and 2 not in infos  # not asked for
+
+
+def test_list_meta_context_queries(img):
+    with NbdServe(img, allocation_depth=True) as srv:
+        c = RawClient(srv)
+        c.structured_reply()
+
+        def lst(queries):
+            data = struct.pack(">I", 3) + b"exp" + struct.pack(">I", len(queries))
+            for q in queries:
+                data += struct.pack(">I", len(q)) + q.encode()
+            c.opt(U.OPT_LIST_META, data)
+            reps = c.replies()
+            assert reps[-1][1] == U.REP_ACK
+            return sorted(p[4:].decode() for _, t, p in reps if t == U.REP_META)
+
+        both = ["base:allocation", "qemu:allocation-depth"]
+        assert lst([]) == both
+        assert lst(["base:"]) == ["base:allocation"]
+        assert lst(["qemu:"]) == ["qemu:allocation-depth"]
+        assert lst(["x-foo:bar", "base:nope"]) == []
+        reps = c.set_meta("exp", ["base:allocation", "qemu:allocation-depth", "base:"])
+        ids = {p[4:].decode(): struct.unpack(">I", p[:4])[0] for _, t, p in reps
+               if t == U.REP_META}
+        assert sorted(ids) == both and len(set(ids.values())) == 2
+        c.go("exp")
+        c.request(U.CMD_BLOCK_STATUS, 0, 2 * MiB, cookie=11)
+        ch = c.chunks()
+        assert len(ch) == 2 and all(x[1] == 5 for x in ch)
+        by_id = {struct.unpack(">I", x[3][:4])[0]: x[3][4:] for x in ch}
+        depth = by_id[ids["qemu:allocation-depth"]]
+        ext = [struct.unpack(">II", depth[i:i + 8]) for i in range(0, len(depth), 8)]
+        assert sum(e[0] for e in ext) == 2 * MiB
+        assert all(e[1] == 1 for e in ext)  # raw file: everything is local
+        alloc = by_id[ids["base:allocation"]]
+        ext = [struct.unpack(">II", alloc[i:i + 8]) for i in range(0, len(alloc), 8)]
+        assert ext[0] == (MiB, 0) and ext[1] == (MiB, 3)
+
+
+def test_set_meta_context_requires_structured(img):
+    with NbdServe(img) as srv:
+        c = RawClient(srv)
+        reps = c.set_meta("exp", ["base:allocation"])
+        assert reps[-1][1] == U.REP_ERR_INVALID
+        c.opt(U.OPT_ABORT)
+        assert c.reply()[1] == U.REP_ACK
+        assert c.is_closed()

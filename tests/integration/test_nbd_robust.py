@@ -26,7 +26,8 @@ def img(tmp_path):
 
 @pytest.fixture
 def srv(img):
-    s = NbdServe(img, writable=True, env={"LAMINA_NBD_HANDSHAKE_TIMEOUT_MS": "1500"})
+    s = NbdServe(img, writable=True, env={"LAMINA_NBD_HANDSHAKE_TIMEOUT_MS": "1500",
+                                          "LAMINA_NBD_SEND_TIMEOUT_MS": "1500"})
     yield s
     assert s.alive()
     check_serves(s)
@@ -245,9 +246,30 @@ def test_client_not_reading_replies(srv):
             sent += c.s.send(req * 64)
         except BlockingIOError:
             time.sleep(0.05)
+        except OSError:
+            break  # already dropped for not reading
     check_serves(srv)
-    c.s.close()
-    time.sleep(0.2)
+    # it is dropped once its replies stall for the send timeout
+    c.s.setblocking(True)
+    assert c.is_closed(timeout=10)
+    check_serves(srv)
+
+
+def test_several_clients_not_reading_replies(srv):
+    cs = []
+    for _ in range(6):
+        c = transmission(srv)
+        c.s.setblocking(False)
+        req = struct.pack(">IHHQQI", U.REQ_MAGIC, 0, U.CMD_READ, 1, 0, 1 * MiB)
+        try:
+            for _ in range(200):
+                c.s.send(req * 16)
+        except (BlockingIOError, OSError):
+            pass
+        cs.append(c)
+    check_serves(srv)
+    for c in cs:
+        c.s.close()
 
 
 def test_garbage_fuzz_connections(srv):

@@ -232,7 +232,9 @@ def test_preallocation(tmp_path):
 def test_measure_matches_qemu(tmp_path):
     for size, opts, qopts in [(1 << 30, {}, []),
                               (10 << 30, {"cluster-size": 4096}, ["-o", "cluster_size=4096"]),
-                              (123456 * 512, {"refcount-bits": 64}, ["-o", "refcount_bits=64"])]:
+                              (123456 * 512, {"refcount-bits": 64}, ["-o", "refcount_bits=64"]),
+                              (992578048, {"cluster-size": 512, "refcount-bits": 64},
+                               ["-o", "cluster_size=512,refcount_bits=64"])]:
         q = json.loads(qemu_img("measure", "--output=json", "-O", "qcow2", *qopts,
                                 "--size", str(size)).stdout)
         ours = json.loads(tool("measure", size, json.dumps(opts)).stdout)
@@ -351,3 +353,17 @@ def test_check_copied_flag(tmp_path):
     assert p.returncode == 0, p.stderr
     assert_clean(img)
     qemu_io(img, "read -P 0x11 0 64k")
+
+
+@pytest.mark.parametrize("opts,msg", [
+    ({"cache-size": 1 << 20, "l2-cache-size": 1 << 19, "refcount-cache-size": 1 << 18},
+     "cache-size, l2-cache-size and refcount-cache-size may not be set at the same time"),
+    ({"cache-size": 1 << 20, "l2-cache-size": 1 << 21}, "l2-cache-size may not exceed cache-size"),
+    ({"l2-cache-entry-size": 1000},
+     "L2 cache entry size must be a power of two between 512 and the cluster size (65536)"),
+])
+def test_cache_option_errors(tmp_path, opts, msg):
+    img = str(tmp_path / "o.qcow2")
+    tool("create", img, 1 << 20)
+    p = tool("-o", json.dumps(opts), img, "info", check=False)
+    assert p.returncode == 1 and msg in p.stderr

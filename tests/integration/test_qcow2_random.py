@@ -46,10 +46,14 @@ def random_ops(rng, cs, model, backing, v2):
 
 
 @pytest.mark.parametrize("seed", range(4))
-@pytest.mark.parametrize("cs,v2,backing", [(512, False, False), (4096, False, True),
-                                           (65536, False, True), (65536, True, True),
-                                           (4096, True, False)])
-def test_random(tmp_path, seed, cs, v2, backing):
+@pytest.mark.parametrize("cs,v2,backing,cache", [(512, False, False, None),
+                                                 (4096, False, True, None),
+                                                 (65536, False, True, None),
+                                                 (65536, True, True, None),
+                                                 (4096, True, False, None),
+                                                 (512, False, True, 2048),
+                                                 (4096, False, False, 16384)])
+def test_random(tmp_path, seed, cs, v2, backing, cache):
     rng = random.Random(seed * 1000 + cs)
     img = str(tmp_path / "r.qcow2")
     base_data = bytearray(SIZE)
@@ -68,8 +72,11 @@ def test_random(tmp_path, seed, cs, v2, backing):
     model = [b for b in base_data]
     ops = random_ops(rng, cs, model, backing, v2)
     # run in a few batches so reopen paths are exercised too
+    # cache: a tiny L2/refcount cache (4 tables) forces evictions of dirty
+    # tables in the middle of requests
+    extra = ["-o", json.dumps({"l2-cache-size": cache, "refcount-cache-size": cache})] if cache else []
     for i in range(0, len(ops), 20):
-        tool(img, *ops[i:i + 20])
+        tool(*extra, img, *ops[i:i + 20])
     assert_clean(img)
     out = str(tmp_path / "out.raw")
     lamina_dump(img, out)

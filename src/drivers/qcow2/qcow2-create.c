@@ -272,12 +272,13 @@ int qc_create(json_t *opts, LamError **errp)
 static int64_t refcount_meta_size(int64_t clusters, int64_t cs, int order)
 {
     int64_t rbe = (cs * 8) >> order;
-    int64_t table = 0, blocks = 0, last;
-    do {
-        last = table;
+    int64_t table = 0, blocks = 0, total = 0, last;
+    do { /* until blocks and table both stop growing */
+        last = total;
         blocks = qc_div_up(clusters + table + blocks, rbe);
         table = qc_div_up(blocks, cs / 8);
-    } while (table != last);
+        total = blocks + table;
+    } while (total != last);
     return (blocks + table) * cs;
 }
 

@@ -615,8 +615,14 @@ static int zap_clusters(Qcow2State *s, int64_t off, int64_t bytes, int mode)
                     collect_old(s, &fl, old);
                 }
                 if (fl.n == 64) {
+                    /* No cache entry stays pinned while release_old waits. */
                     qc_cache_mark_dirty(s->l2_cache, t);
+                    qc_cache_put(s->l2_cache, t);
+                    t = NULL;
                     ret = release_old(s, &fl, c0, c0 + n);
+                    if (ret == 0) {
+                        ret = qc_get_l2_for_write(s, off, &t);
+                    }
                 }
             }
             if (t) {
@@ -651,8 +657,26 @@ static void whole_clusters(Qcow2State *s, int64_t off, int64_t bytes, int64_t *a
 
 static int zero_as_data(Qcow2State *s, int64_t off, int64_t bytes)
 {
+    LamChild *b = lam_node_backing(s->bs);
+    int64_t blen = b ? lam_node_length(b->node) : 0;
     while (bytes > 0) {
-        int64_t n = bytes < 1024 * 1024 ? bytes : 1024 * 1024;
+        /* Skip what already reads as zeroes: nothing to allocate there. */
+        int64_t run;
+        uint64_t entry;
+        pthread_mutex_lock(&s->lock);
+        int type = qc_lookup(s, off, bytes, &run, &entry);
+        pthread_mutex_unlock(&s->lock);
+        if (type < 0) {
+            return type;
+        }
+        if (type == QC_ZERO_PLAIN || type == QC_ZERO_ALLOC ||
+            (type == QC_UNALLOC && (!b || off >= blen))) {
+            off += run;
+            bytes -= run;
+            continue;
+        }
+        int64_t n = bytes < run ? bytes : run;
+        n = n < 1024 * 1024 ? n : 1024 * 1024;
         void *z = calloc(1, n);
         if (!z) {
             return -ENOMEM;

@@ -640,10 +640,36 @@ static int qcow2_open(LamNode *bs, json_t *opts, int flags, LamError **errp)
                                      (s->compat & QCOW2_COMPAT_LAZY_REFCOUNTS) != 0, &local);
     int64_t l2_cache = lam_opt_int(opts, "l2-cache-size", -1, &local);
     int64_t rb_cache = lam_opt_int(opts, "refcount-cache-size", -1, &local);
+    int64_t all_cache = lam_opt_int(opts, "cache-size", -1, &local);
+    int64_t entry_size = lam_opt_int(opts, "l2-cache-entry-size", s->cluster_size, &local);
     if (local) {
         lam_error_propagate(errp, local);
         ret = -EINVAL;
         goto fail;
+    }
+    if (all_cache >= 0 && l2_cache >= 0 && rb_cache >= 0) {
+        FAIL("cache-size, l2-cache-size and refcount-cache-size may not be set at the same time");
+    }
+    if (all_cache >= 0 && l2_cache > all_cache) {
+        FAIL("l2-cache-size may not exceed cache-size");
+    }
+    if (all_cache >= 0 && rb_cache > all_cache) {
+        FAIL("refcount-cache-size may not exceed cache-size");
+    }
+    if (entry_size < 512 || entry_size > s->cluster_size || (entry_size & (entry_size - 1))) {
+        FAIL("L2 cache entry size must be a power of two between 512 and the cluster size (%lld)",
+             (long long)s->cluster_size);
+    }
+    if (all_cache >= 0) {
+        /* Split a total budget: refcounts get a quarter unless told. */
+        if (l2_cache >= 0) {
+            rb_cache = all_cache - l2_cache;
+        } else if (rb_cache >= 0) {
+            l2_cache = all_cache - rb_cache;
+        } else {
+            rb_cache = all_cache / 4;
+            l2_cache = all_cache - rb_cache;
+        }
     }
     int n_l2, n_rb;
     qc_cache_sizes(s->cluster_size, (int64_t)size, s->l2_entries, l2_cache, rb_cache,

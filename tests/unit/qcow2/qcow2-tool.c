@@ -4,7 +4,8 @@
  *   qcow2-tool measure SIZE|-f FILE [JSON-OPTS]
  *   qcow2-tool [-r] [-F FMT] [-n] IMAGE OP...
  *
- * -r opens read-only, -n opens without backing, -c opens for check.  OPs:
+ * -r opens read-only, -n opens without backing, -c opens for check,
+ * -o JSON adds format-node options.  OPs:
  *   write:OFF:LEN:PAT  wc:OFF:LEN:PAT (compressed)  zero:OFF:LEN[:unmap]
  *   discard:OFF:LEN  read:OFF:LEN:PAT (verify)  dump:OUT  load:OFF:SRC[:c]
  *   check[:leaks|:all]  info  map  resize:SIZE  rebase:FILE[:FMT]  flush
@@ -150,9 +151,21 @@ int main(int argc, char **argv)
         } else if (!strcmp(argv[i], "-c")) {
             flags |= LAM_O_CHECK;
         } else if (!strcmp(argv[i], "-n")) {
-            extra = json_pack("{s:n}", "backing");
+            if (!extra) {
+                extra = json_object();
+            }
+            json_object_set_new(extra, "backing", json_null());
         } else if (!strcmp(argv[i], "-F") && i + 1 < argc) {
             fmt = argv[++i];
+        } else if (!strcmp(argv[i], "-o") && i + 1 < argc) {
+            json_t *o = json_loads(argv[++i], 0, NULL);
+            if (!extra) {
+                extra = json_object();
+            }
+            if (o) {
+                json_object_update(extra, o);
+                json_decref(o);
+            }
         }
     }
     if (i >= argc) {

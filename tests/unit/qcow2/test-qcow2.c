@@ -31,10 +31,12 @@ static void ok(int cond, const char *fmt, ...)
     fflush(stdout);
 }
 
+static json_t *open_extra; /* extra format options for open_img */
+
 static LamNode *open_img(const char *path, bool rw, LamChild **c)
 {
     LamError *err = NULL;
-    LamNode *bs = lam_open_image(path, "qcow2", rw ? LAM_O_RDWR : 0, NULL, &err);
+    LamNode *bs = lam_open_image(path, "qcow2", rw ? LAM_O_RDWR : 0, open_extra, &err);
     if (!bs) {
         fprintf(stderr, "# open: %s\n", err ? err->msg : "?");
         lam_error_free(err);
@@ -300,13 +302,12 @@ static void *mixer(void *opaque)
     return NULL;
 }
 
-static void mixed_stress(const char *dir, int64_t cs)
+static void mixed_stress(const char *dir, int64_t cs, int64_t size)
 {
     char path[256];
     snprintf(path, sizeof(path), "%s/mix.qcow2", dir);
     json_t *o = json_pack("{s:I}", "cluster-size", (json_int_t)cs);
     LamError *err = NULL;
-    int64_t size = 64 * cs;
     int ret = lam_create_image(path, "qcow2", size, o, &err);
     json_decref(o);
     LamChild *c;
@@ -403,8 +404,17 @@ int main(void)
     concurrency(dir, 4096, false);
     concurrency(dir, 65536, false);
     concurrency(dir, 8192, true);
-    mixed_stress(dir, 4096);
-    mixed_stress(dir, 65536);
+    mixed_stress(dir, 4096, 64 * 4096);
+    mixed_stress(dir, 65536, 64 * 65536);
+    /* the smallest caches: 4 L2 tables, 4 refcount blocks */
+    open_extra = json_pack("{s:i, s:i}", "l2-cache-size", 4 * 512, "refcount-cache-size", 4 * 512);
+    mixed_stress(dir, 512, 64 * 512);
+    mixed_stress(dir, 512, 1 << 20); /* 32 L2 tables through a 4-table cache */
+    json_decref(open_extra);
+    open_extra = json_pack("{s:i, s:i}", "l2-cache-size", 4 * 4096, "refcount-cache-size", 4 * 4096);
+    concurrency(dir, 4096, false);
+    json_decref(open_extra);
+    open_extra = NULL;
     runtime_corruption(dir);
     rmdir(dir);
     printf("1..%d\n", test_no);

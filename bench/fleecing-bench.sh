@@ -1,0 +1,94 @@
+#!/bin/sh
+# Guest write performance while fleecing.  For laminad and
+# qemu-storage-daemon in one run: fio 4k randwrite through an NBD export of
+# the disk (baseline), then again while a classic fleecing is active (temp
+# qcow2 backed by the disk, blockdev-backup sync=none, the fleecing export
+# read sequentially by a backup reader).  Reports IOPS and p99 latency,
+# medians over runs, and the fleecing/baseline ratios (goal: >= 0.5 IOPS,
+# p99 <= 1.5x).
+#   bench/fleecing-bench.sh [runs=3] [seconds=4] [size_mib=512]
+set -e
+ROOT=$(cd "$(dirname "$0")/.." && pwd)
+exec /usr/bin/python3 - "$ROOT" "${1:-3}" "${2:-4}" "${3:-512}" <<'PY'
+import json, os, statistics, subprocess, sys, tempfile
+root, runs, secs, size_mib = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4])
+sys.path.insert(0, os.path.join(root, "tests", "integration"))
+from qmp_util import Daemon
+
+size = size_mib << 20
+
+
+def fio(uri, rw, secs, extra=()):
+    cmd = ["fio", "--name=g", "--ioengine=nbd", f"--uri={uri}", f"--rw={rw}", "--bs=4k",
+           "--iodepth=16", "--time_based", f"--runtime={secs}", f"--size={size}",
+           "--output-format=json", "--percentile_list=99"] + list(extra)
+    out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
+    j = json.loads(out[out.index("{"):])["jobs"][0]
+    side = j["write"] if "write" in rw else j["read"]
+    p99 = list(side["clat_ns"].get("percentile", {"99": 0}).values())[0] / 1000.0
+    return side["iops"], p99
+
+
+def one(flavor, td):
+    src = os.path.join(td, "disk.raw")
+    tmp = os.path.join(td, "tmp.qcow2")
+    subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", tmp, str(size)], check=True)
+    sub = tempfile.mkdtemp(dir=td)
+    sock = os.path.join(sub, "nbd.sock")
+    with Daemon([], sub, flavor=flavor) as d:
+        q = d.qmp
+        q.cmd("nbd-server-start", addr={"type": "unix", "data": {"path": sock}})
+        q.cmd("blockdev-add", args={"driver": "file", "node-name": "src", "filename": src})
+        q.cmd("block-export-add", args={"type": "nbd", "id": "e0", "node-name": "src",
+                                        "name": "disk", "writable": True})
+        base = fio(f"nbd+unix:///disk?socket={sock}", "randwrite", secs)
+        q.cmd("block-export-del", id="e0")
+        q.wait_event("BLOCK_EXPORT_DELETED")
+        q.cmd("blockdev-add", args={"driver": "qcow2", "node-name": "tmp",
+                                    "file": {"driver": "file", "filename": tmp},
+                                    "backing": "src"})
+        q.cmd("blockdev-backup", job_id="f", device="src", target="tmp", sync="none",
+              filter_node_name="fl")
+        q.cmd("block-export-add", args={"type": "nbd", "id": "e1", "node-name": "fl",
+                                        "name": "disk", "writable": True})
+        q.cmd("block-export-add", args={"type": "nbd", "id": "e2", "node-name": "tmp",
+                                        "name": "snap"})
+        reader = subprocess.Popen(
+            ["fio", "--name=r", "--ioengine=nbd", f"--uri=nbd+unix:///snap?socket={sock}",
+             "--rw=read", "--bs=1M", "--iodepth=2", "--time_based", f"--runtime={secs}",
+             f"--size={size}", "--output-format=json"], stdout=subprocess.DEVNULL)
+        fl = fio(f"nbd+unix:///disk?socket={sock}", "randwrite", secs)
+        reader.wait()
+        q.cmd("block-export-del", id="e2")
+        q.cmd("block-export-del", id="e1")
+        q.cmd("job-cancel", id="f")
+        q.wait_event("BLOCK_JOB_CANCELLED")
+        d.stop()
+    os.unlink(tmp)
+    return base, fl
+
+
+with tempfile.TemporaryDirectory(dir=os.environ.get("BENCH_DIR", "/tmp")) as td:
+    src = os.path.join(td, "disk.raw")
+    block = os.urandom(1 << 20)
+    with open(src, "wb") as f:
+        for i in range(size_mib):
+            f.write(block)
+    res = {"laminad": [], "qsd": []}
+    for r in range(runs):
+        for flavor in ("laminad", "qsd"):
+            (bi, bp), (fi, fp) = one(flavor, td)
+            res[flavor].append((bi, bp, fi, fp))
+            print(f"run {r + 1} {flavor:8s} baseline {bi:7.0f} IOPS p99 {bp:7.0f} us | "
+                  f"fleecing {fi:7.0f} IOPS p99 {fp:7.0f} us | ratio {fi / bi:.2f}, "
+                  f"p99 x{fp / bp:.2f}", flush=True)
+    summary = {}
+    for flavor, rows in res.items():
+        med = [statistics.median(x[i] for x in rows) for i in range(4)]
+        summary[flavor] = med
+        print(f"{flavor:8s} median: baseline {med[0]:.0f} IOPS (p99 {med[1]:.0f} us), "
+              f"fleecing {med[2]:.0f} IOPS (p99 {med[3]:.0f} us): keeps "
+              f"{med[2] / med[0]:.0%} of IOPS, p99 x{med[3] / med[1]:.2f}")
+    l, q = summary["laminad"], summary["qsd"]
+    print(f"laminad/qsd: baseline IOPS {l[0] / q[0]:.2f}, fleecing IOPS {l[2] / q[2]:.2f}")
+PY
