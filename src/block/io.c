@@ -251,6 +251,28 @@ static bool is_aligned(LamNode *bs, int64_t off, int64_t bytes)
     return a <= 1 || ((off % a) == 0 && (bytes % a) == 0);
 }
 
+/* The aligned range around [off, off+bytes) and scratch room for its
+ * unaligned head and tail blocks (one block each). */
+typedef struct AlignPad {
+    int64_t aoff, aend;
+    size_t head, tail;
+    uint8_t *buf;
+} AlignPad;
+
+static int pad_init(LamNode *bs, int64_t off, int64_t bytes, AlignPad *p)
+{
+    uint32_t a = bs->bl.request_alignment;
+    p->aoff = off - off % a;
+    p->aend = off + bytes;
+    if (p->aend % a) {
+        p->aend += a - p->aend % a;
+    }
+    p->head = (size_t)(off - p->aoff);
+    p->tail = (size_t)(p->aend - off - bytes);
+    p->buf = blk_alloc(bs, 2 * (size_t)a);
+    return p->buf ? 0 : -ENOMEM;
+}
+
 int lam_node_preadv(LamNode *bs, int64_t off, int64_t bytes, LamIOV *qiov,
                     int flags)
 {
@@ -271,31 +293,24 @@ int lam_node_preadv(LamNode *bs, int64_t off, int64_t bytes, LamIOV *qiov,
         return ret;
     }
     /* Pad to the alignment with scratch head and tail buffers. */
-    int64_t aoff = off - off % a;
-    int64_t aend = off + bytes;
-    if (aend % a) {
-        aend += a - aend % a;
-    }
-    size_t head = (size_t)(off - aoff);
-    size_t tail = (size_t)(aend - off - bytes);
-    uint8_t *pad = blk_alloc(bs, 2 * (size_t)a);
-    if (!pad) {
+    AlignPad p;
+    if (pad_init(bs, off, bytes, &p) < 0) {
         return -ENOMEM;
     }
     LamIOV padded;
     lam_iov_init(&padded, qiov->niov + 2);
-    if (head) {
-        lam_iov_add(&padded, pad, head);
+    if (p.head) {
+        lam_iov_add(&padded, p.buf, p.head);
     }
     lam_iov_concat(&padded, qiov, 0, (size_t)bytes);
-    if (tail) {
-        lam_iov_add(&padded, pad + a, tail);
+    if (p.tail) {
+        lam_iov_add(&padded, p.buf + a, p.tail);
     }
-    track_begin(bs, &req, aoff, aend - aoff, serialising, false);
-    int ret = drv_preadv(bs, aoff, aend - aoff, &padded, 0, flags);
+    track_begin(bs, &req, p.aoff, p.aend - p.aoff, serialising, false);
+    int ret = drv_preadv(bs, p.aoff, p.aend - p.aoff, &padded, 0, flags);
     track_end(bs, &req);
     lam_iov_destroy(&padded);
-    free(pad);
+    free(p.buf);
     return ret;
 }
 
@@ -304,17 +319,13 @@ static int node_pwritev_rmw(LamNode *bs, int64_t off, int64_t bytes,
                             LamIOV *qiov, int flags)
 {
     uint32_t a = bs->bl.request_alignment;
-    int64_t aoff = off - off % a;
-    int64_t aend = off + bytes;
-    if (aend % a) {
-        aend += a - aend % a;
-    }
-    size_t head = (size_t)(off - aoff);
-    size_t tail = (size_t)(aend - off - bytes);
-    uint8_t *pad = blk_alloc(bs, 2 * (size_t)a);
-    if (!pad) {
+    AlignPad p;
+    if (pad_init(bs, off, bytes, &p) < 0) {
         return -ENOMEM;
     }
+    int64_t aoff = p.aoff, aend = p.aend;
+    size_t head = p.head, tail = p.tail;
+    uint8_t *pad = p.buf;
     LamTrackedReq req;
     /* Serialising: a concurrent RMW of the same block must not interleave. */
     track_begin(bs, &req, aoff, aend - aoff, true, true);

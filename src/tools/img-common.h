@@ -21,6 +21,7 @@ int img_rebase(int argc, char **argv);
 int img_commit(int argc, char **argv);
 int img_resize(int argc, char **argv);
 int img_measure(int argc, char **argv);
+int img_dd(int argc, char **argv);
 
 /* -q: no normal output (errors still go to stderr). */
 extern bool img_quiet;

@@ -40,6 +40,7 @@ typedef struct Config {
     int64_t fill_max;
     int mix;
     bool compress;
+    bool lazy;           /* lazy refcounts: repair each crash image first */
     uint64_t seed;
     int random_per_interval;
     int max_random;
@@ -66,6 +67,8 @@ typedef struct Stats {
     int ours_checked, qemu_checked, ours_read, qemu_read;
     int corrupt_ours, corrupt_qemu;  /* images with corruptions */
     int open_failures, check_errors;
+    int repaired, repair_failures;
+    int reader_mismatch; /* our reader and qemu-img's disagree */
     int leaky_images;
     int durability_failures;
     int read_failures;
@@ -91,6 +94,7 @@ typedef struct Ctx {
     int64_t img_size;    /* guest size + reference mode's marker cluster */
     uint8_t *got;
     uint8_t *expect;     /* reuse: what the guest should read afterwards */
+    uint8_t *ours_got;   /* our read-back, to compare with qemu-img's */
     char cut_path[4096], raw_path[4096];
     struct timespec t0;
 } Ctx;
@@ -113,6 +117,9 @@ static void usage(void)
 "  --ops N                 guest operations per thread (300)\n"
 "  --mix default|discard   op mix; discard: many discards/unmapping zero\n"
 "                          writes over fresh data (frees, reuses clusters)\n"
+"  --lazy-refcounts        image with lazy refcounts; every crash image is\n"
+"                          repaired first (alternately by our open and by\n"
+"                          qemu-img check -r all), then judged\n"
 "  --compress              some whole-cluster writes are compressed\n"
 "  --fill-max N            longest sequential fill write (16 clusters)\n"
 "  --threads N             guest threads on disjoint stripes (1, max 8)\n"
@@ -168,7 +175,7 @@ static int parse_args(Config *c, int argc, char **argv)
         { "create", 1, 0, 'C' }, { "cheat", 1, 0, 'X' },
         { "time-limit", 1, 0, 't' }, { "workdir", 1, 0, 'w' },
         { "keep-failures", 1, 0, 'k' }, { "help", 0, 0, 'h' },
-        { "expect-failures", 0, 0, 'E' }, { "compress", 0, 0, 'c' + 256 }, { "mix", 1, 0, 'x' + 256 }, { "drv-opt", 1, 0, 'o' + 256 }, { "single-loss", 1, 0, 'L' }, { "fill-max", 1, 0, 'F' }, { "no-ours", 0, 0, 'O' },
+        { "expect-failures", 0, 0, 'E' }, { "lazy-refcounts", 0, 0, 'z' + 256 }, { "compress", 0, 0, 'c' + 256 }, { "mix", 1, 0, 'x' + 256 }, { "drv-opt", 1, 0, 'o' + 256 }, { "single-loss", 1, 0, 'L' }, { "fill-max", 1, 0, 'F' }, { "no-ours", 0, 0, 'O' },
         { "reference-qemu", 0, 0, 'P' }, { "reuse-every", 1, 0, 'U' }, { "dump-log", 1, 0, 'D' },
         { 0, 0, 0, 0 },
     };
@@ -202,6 +209,7 @@ static int parse_args(Config *c, int argc, char **argv)
         case 'w': c->workdir = optarg; break;
         case 'k': c->keep_dir = optarg; break;
         case 'E': c->expect_failures = true; break;
+        case 'z' + 256: c->lazy = true; break;
         case 'c' + 256: c->compress = true; break;
         case 'x' + 256:
             if (strcmp(optarg, "default") && strcmp(optarg, "discard")) {
@@ -292,10 +300,11 @@ static int create_overlay(const Config *c, int64_t img_size, const char *path,
 {
     if (c->create_ours) {
         LamError *err = NULL;
-        json_t *o = json_pack("{s:I, s:I, s:s, s:s}", "cluster-size",
+        json_t *o = json_pack("{s:I, s:I, s:s, s:s, s:b}", "cluster-size",
                               (json_int_t)c->cluster, "refcount-bits",
                               (json_int_t)c->refcount_bits, "backing-file",
-                              backing, "backing-fmt", "raw");
+                              backing, "backing-fmt", "raw", "lazy-refcounts",
+                              c->lazy);
         int ret = lam_create_image(path, "qcow2", img_size, o, &err);
         json_decref(o);
         if (ret < 0) {
@@ -306,8 +315,9 @@ static int create_overlay(const Config *c, int64_t img_size, const char *path,
     }
     char opts[4200], size[32];
     snprintf(opts, sizeof(opts),
-             "cluster_size=%lld,refcount_bits=%d,backing_file=%s,backing_fmt=raw",
-             (long long)c->cluster, c->refcount_bits, backing);
+             "cluster_size=%lld,refcount_bits=%d,backing_file=%s,backing_fmt=raw%s",
+             (long long)c->cluster, c->refcount_bits, backing,
+             c->lazy ? ",lazy_refcounts=on" : "");
     snprintf(size, sizeof(size), "%lld", (long long)img_size);
     char *argv[] = { "qemu-img", "create", "-q", "-f", "qcow2", "-o", opts,
                      (char *)path, size, NULL };
@@ -595,6 +605,25 @@ static int judge_cut(Ctx *x, Replay *rp, const Cut *c, int n, bool run_qemu)
         fprintf(stderr, "write %s: %s\n", x->cut_path, strerror(-ret));
         return ret;
     }
+    if (x->cfg.lazy) {
+        char *err = NULL;
+        bool by_qemu = (n & 1) && !x->cfg.no_qemu;
+        ret = by_qemu ? repair_qemu(x->cut_path, x->cfg.fmt, &err) :
+                        repair_ours(x->cut_path, x->cfg.fmt, &err);
+        if (ret < 0) {
+            x->st.repair_failures++;
+            if (should_report(x)) {
+                char m[600];
+                snprintf(m, sizeof(m), "repair by %s failed: %s",
+                         by_qemu ? "qemu-img check -r all" : "our open", err ? err : "?");
+                describe_cut(c, n, m);
+            }
+            free(err);
+            keep_image(x, "repair", n, rp->img, rp->img_len);
+            return 0;
+        }
+        x->st.repaired++;
+    }
     OpWindow win;
     model_window(&x->w, c->pos, &win);
     if (model_advance(&x->model, &x->w, &win) < 0) {
@@ -652,6 +681,7 @@ static int judge_cut(Ctx *x, Replay *rp, const Cut *c, int n, bool run_qemu)
     } else if (ret == 0) {
         x->st.ours_read++;
         verify_content(x, c, n, &win, "our", &failed);
+        memcpy(x->ours_got, x->got, (size_t)x->img_size);
     } else {
         failed = true;
         x->st.read_failures++;
@@ -669,6 +699,24 @@ static int judge_cut(Ctx *x, Replay *rp, const Cut *c, int n, bool run_qemu)
         if (ret == 0) {
             x->st.qemu_read++;
             verify_content(x, c, n, &win, "qemu-img convert", &failed);
+            /* Two readers of one image must agree byte for byte, even
+             * where the model allows several values. */
+            if (!x->cfg.no_ours && memcmp(x->got, x->ours_got, (size_t)x->img_size)) {
+                int64_t b = 0;
+                while (x->got[b] == x->ours_got[b]) {
+                    b++;
+                }
+                failed = true;
+                x->st.reader_mismatch++;
+                if (should_report(x)) {
+                    char m[300];
+                    snprintf(m, sizeof(m), "our reader and qemu-img disagree at guest "
+                             "offset %lld: ours 0x%02x, qemu-img 0x%02x", (long long)b,
+                             x->ours_got[b], x->got[b]);
+                    describe_cut(c, n, m);
+                }
+            }
+            memcpy(x->got, x->ours_got, (size_t)x->img_size);
         } else {
             failed = true;
             x->st.read_failures++;
@@ -823,7 +871,7 @@ static int failures(const Stats *s)
     return s->corrupt_ours + s->corrupt_qemu + s->open_failures +
            s->check_errors + s->durability_failures + s->read_failures +
            s->workload_failures + s->reuse_corrupt + s->reuse_mismatch +
-           s->final_corrupt +
+           s->final_corrupt + s->repair_failures + s->reader_mismatch +
            s->reuse_errors;
 }
 
@@ -857,10 +905,15 @@ static void summary(const Ctx *x)
     printf("  checked by ours: %d, by qemu-img: %d; read back by ours: %d, by qemu-img: %d\n",
            s->ours_checked, s->qemu_checked, s->ours_read, s->qemu_read);
     printf("  images with leaks (allowed): %d\n", s->leaky_images);
+    if (x->cfg.lazy) {
+        printf("  lazy refcounts: repaired %d images, repair failed on %d\n",
+               s->repaired, s->repair_failures);
+    }
     printf("  corruptions: ours %d, qemu-img %d; open failures %d; check errors %d\n",
            s->corrupt_ours, s->corrupt_qemu, s->open_failures, s->check_errors);
-    printf("  durability failures: %d; read failures: %d; failed guest ops: %d\n",
-           s->durability_failures, s->read_failures, s->workload_failures);
+    printf("  durability failures: %d; read failures: %d; failed guest ops: %d;"
+           " our reader vs qemu-img mismatches: %d\n", s->durability_failures,
+           s->read_failures, s->workload_failures, s->reader_mismatch);
     printf("  reused after crash: %d images; corrupt afterwards %d, wrong content %d,"
            " errors %d\n", s->reuse_tried, s->reuse_corrupt, s->reuse_mismatch,
            s->reuse_errors);
@@ -883,6 +936,9 @@ static void summary(const Ctx *x)
         "file_flushes", (json_int_t)s->file_flushes);
     json_object_set_new(j, "reuse_tried", json_integer(s->reuse_tried));
     json_object_set_new(j, "single_loss_cuts", json_integer(s->single_loss_cuts));
+    json_object_set_new(j, "repaired", json_integer(s->repaired));
+    json_object_set_new(j, "reader_mismatch", json_integer(s->reader_mismatch));
+    json_object_set_new(j, "repair_failures", json_integer(s->repair_failures));
     json_object_set_new(j, "final_file_size", json_integer(s->final_file_size));
     json_object_set_new(j, "final_leaks_ours", json_integer(s->final_leaks_ours));
     json_object_set_new(j, "final_leaks_qemu", json_integer(s->final_leaks_qemu));
@@ -949,7 +1005,8 @@ int main(int argc, char **argv)
     x.img_size = x.cfg.size + (x.cfg.ref_qemu ? x.cfg.cluster : 0);
     x.got = malloc((size_t)x.img_size);
     x.expect = malloc((size_t)x.img_size);
-    if (!x.backing || !x.got || !x.expect || write_file(backing_path, x.backing, x.cfg.size) < 0) {
+    x.ours_got = malloc((size_t)x.img_size);
+    if (!x.backing || !x.got || !x.expect || !x.ours_got || write_file(backing_path, x.backing, x.cfg.size) < 0) {
         fprintf(stderr, "cannot write %s\n", backing_path);
         goto out;
     }
@@ -1039,6 +1096,7 @@ out:
     free(x.backing);
     free(x.got);
     free(x.expect);
+    free(x.ours_got);
     rm_rf_workdir(dir, made);
     json_decref(x.cfg.drv_opts);
     return status;

@@ -33,6 +33,12 @@ int read_guest_qemu(const char *path, const char *fmt, const char *tmp_raw,
 
 #endif
 
+/* Repairs a crashed image before it is judged (lazy refcounts leave it
+ * dirty): ours opens it read-write (the driver repairs a dirty image on
+ * open), qemu runs `qemu-img check -r all`.  0 / -errno (*err set). */
+int repair_ours(const char *path, const char *fmt, char **err);
+int repair_qemu(const char *path, const char *fmt, char **err);
+
 /* Continuing after a crash: opens the image read-write with our driver,
  * writes nw ranges (recorded in offs/lens/datas, malloc'ed data), flushes
  * and closes.  Catches drivers that corrupt images when they reuse one that

@@ -46,6 +46,7 @@ def assert_clean(s, p):
     assert s["check_errors"] == 0, "check reported errors" + report
     assert s["read_failures"] == 0, "crash image could not be read" + report
     assert s["durability_failures"] == 0, "flushed guest writes lost" + report
+    assert s["reader_mismatch"] == 0, "our reader and qemu-img's disagree" + report
     assert s["reuse_corrupt"] == 0, "writing to a crashed image corrupted it" + report
     assert s["reuse_mismatch"] == 0, "writing to a crashed image: wrong content" + report
     assert s["reuse_errors"] == 0, "writing to a crashed image failed" + report
@@ -136,6 +137,19 @@ def test_crash_qcow2_created_by_us_discard_mix():
                      "--mix", "discard",
                      "--random-cuts", 1, "--qemu-every", 3, time_limit=12)
     assert_clean(s, p)
+    assert p.returncode == 0, p.stdout + p.stderr[-4000:]
+
+
+def test_crash_qcow2_lazy_refcounts_repair():
+    """Lazy refcounts: every crash image is dirty and gets repaired first,
+    alternately by our read-write open (the driver repairs a dirty image)
+    and by `qemu-img check -r all`; then both checks must be clean and the
+    flushed data must be there."""
+    s, p = crash_run("--format", "qcow2", "--lazy-refcounts", "--cluster-size",
+                     512, "--size", "4M", "--ops", 50, "--seed", 17,
+                     "--random-cuts", 1, "--qemu-every", 3, time_limit=10)
+    assert_clean(s, p)
+    assert s["repair_failures"] == 0 and s["repaired"] == s["cuts"], p.stdout
     assert p.returncode == 0, p.stdout + p.stderr[-4000:]
 
 
