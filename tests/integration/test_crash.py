@@ -51,9 +51,13 @@ def assert_clean(s, p):
     assert s["reuse_mismatch"] == 0, "writing to a crashed image: wrong content" + report
     assert s["reuse_errors"] == 0, "writing to a crashed image failed" + report
     assert s["reuse_tried"] > 0, report
-    # The test must have tried something meaningful.
-    assert s["flush_cuts"] >= 10 and s["random_cuts"] >= 10, report
-    assert s["single_loss_cuts"] >= 10, report
+    # The test must have tried something meaningful (a loaded machine may
+    # hit the time limit early: then at least a few intervals).
+    if s["time_limited"]:
+        assert s["cuts"] >= 20 and s["flush_cuts"] >= 3, report
+    else:
+        assert s["flush_cuts"] >= 10 and s["random_cuts"] >= 10, report
+        assert s["single_loss_cuts"] >= 10, report
     assert s["ours_checked"] == s["cuts"], report
     assert s["final_corrupt"] == 0, "the cleanly closed image is corrupt" + report
     assert s["final_leaks_ours"] == 0 and s["final_leaks_qemu"] == 0, \
