@@ -22,7 +22,9 @@ def fio(uri, rw, secs, extra=()):
     cmd = ["fio", "--name=g", "--ioengine=nbd", f"--uri={uri}", f"--rw={rw}", "--bs=4k",
            "--iodepth=16", "--time_based", f"--runtime={secs}", f"--size={size}",
            "--output-format=json", "--percentile_list=99"] + list(extra)
-    out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
+    # cwd: fio leaves verify state files in its working directory.
+    out = subprocess.run(cmd, check=True, capture_output=True, text=True,
+                         cwd=tempfile.gettempdir()).stdout
     j = json.loads(out[out.index("{"):])["jobs"][0]
     side = j["write"] if "write" in rw else j["read"]
     p99 = list(side["clat_ns"].get("percentile", {"99": 0}).values())[0] / 1000.0
@@ -56,7 +58,8 @@ def one(flavor, td):
         reader = subprocess.Popen(
             ["fio", "--name=r", "--ioengine=nbd", f"--uri=nbd+unix:///snap?socket={sock}",
              "--rw=read", "--bs=1M", "--iodepth=2", "--time_based", f"--runtime={secs}",
-             f"--size={size}", "--output-format=json"], stdout=subprocess.DEVNULL)
+             f"--size={size}", "--output-format=json"], stdout=subprocess.DEVNULL,
+            cwd=sub)
         fl = fio(f"nbd+unix:///disk?socket={sock}", "randwrite", secs)
         reader.wait()
         q.cmd("block-export-del", id="e2")

@@ -17,6 +17,7 @@
 #include <unistd.h>
 
 #include "daemon/loop.h"
+#include "jobs/job.h"
 #include "lamina-config.h"
 #include "lamina/block.h"
 #include "nbd/nbd.h"
@@ -378,6 +379,9 @@ shutdown:
     /* Order matters: NBD clients stop and their requests finish before the
      * nodes they use are closed; the events this raises still go out. */
     lam_nbd_shutdown();
+    /* Running jobs are force-cancelled (BLOCK_JOB_CANCELLED goes out, as
+     * on QSD) before their nodes close. */
+    lam_job_cancel_all_sync();
     lam_loop_run_pending();
     qmp_server_shutdown();
     qmp_block_close_all();

@@ -30,7 +30,10 @@ static int64_t raw_get_length(LamNode *bs)
     if (len < 0) {
         return len;
     }
-    return len > s->offset ? len - s->offset : 0;
+    len = len > s->offset ? len - s->offset : 0;
+    /* Whole sectors, as QEMU shows them: the tail past the file's end reads
+     * as zeroes and a write there grows the file. */
+    return (len + 511) & ~(int64_t)511;
 }
 
 static int raw_open(LamNode *bs, json_t *opts, int flags, LamError **errp)
@@ -142,8 +145,12 @@ static int raw_block_status(LamNode *bs, int64_t off, int64_t bytes,
         return ret;
     }
     if (*pnum == 0) {
+        /* The sector tail past the file's end: zeroes, still at a place
+         * in the file (a write there grows it). */
         *pnum = bytes;
-        ret = LAM_BS_ZERO;
+        *map = off + s->offset;
+        *file = s->file->node;
+        ret = LAM_BS_ZERO | LAM_BS_OFFSET_VALID;
     }
     return (ret & ~LAM_BS_EOF) | LAM_BS_ALLOCATED;
 }

@@ -4,8 +4,10 @@ Every test runs against laminad and, as the oracle, qemu-storage-daemon
 (flavor "qsd"): the same QMP conversation must give the same answers.
 A laminad run is skipped while the daemon or the QMP layer is not built.
 """
+import atexit
 import json
 import os
+import signal
 import time
 
 import pytest
@@ -29,12 +31,22 @@ def start(flavor, tmpdir, args=()):
     if flavor == "laminad" and not os.path.exists(os.environ.get("LAMINAD", LAMINAD)):
         pytest.skip("laminad not built")
     d = Daemon(list(args), tmpdir, flavor=flavor)
+    # A failing test must not leave its daemon behind.
+    atexit.register(_reap, d)
     if flavor == "laminad":
         names = {c["name"] for c in d.qmp.cmd("query-commands")}
         if "blockdev-backup" not in names:
             d.stop()
             pytest.skip("laminad without job commands")
     return d
+
+
+def _reap(d):
+    if d.proc.poll() is None:
+        try:
+            d.stop(signal.SIGKILL, timeout=5)
+        except Exception:
+            pass
 
 
 def make_file(path, size, pattern=None):

@@ -185,8 +185,13 @@ def test_skip_create_odd_raw_target(tmp_path):
     src.write_bytes(os.urandom(1000000))
     dst = tmp_path / "t.raw"
     dst.write_bytes(b"\0" * 1000000)
+    ref = tmp_path / "q.raw"
+    ref.write_bytes(b"\0" * 1000000)
     lam("convert", "-n", "-f", "raw", "-O", "raw", src, dst)
-    assert dst.read_bytes() == src.read_bytes()
+    qimg("convert", "-n", "-f", "raw", "-O", "raw", src, ref)
+    # Both see whole sectors: the target grows to 1000448 with a zero tail.
+    assert dst.read_bytes() == ref.read_bytes()
+    assert dst.read_bytes()[:1000000] == src.read_bytes()
 
 
 @pytest.mark.parametrize("extra", [[], ["-B", "s.qcow2", "-F", "qcow2"]])

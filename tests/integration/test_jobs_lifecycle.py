@@ -252,3 +252,27 @@ def test_source_error_policies(env, policy):
         assert seq[-4:] == ["aborting", "COMPLETED", "concluded", "null"]
     else:
         assert seq[-4:] == ["pending", "COMPLETED", "concluded", "null"]
+
+
+def test_quit_cancels_running_job(env):
+    """quit force-cancels running jobs: BLOCK_JOB_CANCELLED reaches the
+    client (before or after the quit reply, as on QSD) and the daemon
+    exits 0."""
+    d, _, _ = env
+    q = d.qmp
+    q.cmd("blockdev-backup", job_id="jq", device="src", target="tgt", sync="full",
+          speed=65536)
+    wait_status(q, "jq", "running")
+    q.send_raw(b'{"execute": "quit"}')
+    seen = []
+    try:
+        while True:
+            m = q._read_msg(10)
+            if m is None:
+                break
+            seen.append(m.get("event") or ("return" if "return" in m else m))
+    except (TimeoutError, EOFError, OSError):
+        pass
+    seen += [e["event"] for e in q.queue]
+    assert "BLOCK_JOB_CANCELLED" in seen, seen
+    assert d.proc.wait(20) == 0

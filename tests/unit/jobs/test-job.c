@@ -645,7 +645,7 @@ static void test_ratelimit(void)
     lam_job_start(&r->common);
     lam_job_run_until_done(&r->common);
     double secs = (lam_clock_ns() - t0) / 1e9;
-    ok(secs > 0.35 && secs < 1.2, "speed 4 MiB/s copies 2 MiB in %.2fs", secs);
+    ok(secs > 0.35 && secs < 2.0, "speed 4 MiB/s copies 2 MiB in %.2fs", secs);
     lam_job_unref(&r->common);
 
     /* Slow start, then raise the speed while running. */
@@ -667,7 +667,7 @@ static void test_ratelimit(void)
     lam_job_set_speed(&r->common, 0, NULL);
     lam_job_run_until_done(&r->common);
     double secs2 = (lam_clock_ns() - t0) / 1e9;
-    ok(secs2 < 1.5, "set-speed 0 while running finishes quickly (%.2fs)", secs2);
+    ok(secs2 < 3.0, "set-speed 0 while running finishes quickly (%.2fs)", secs2);
     lam_job_unref(&r->common);
 }
 
