@@ -4,7 +4,7 @@
 Suites: C unit tests (meson test) in build/, the same unit tests under
 ASan+UBSan in build-asan/, the tests of suite 'concurrency' under TSan in
 build-tsan/ (each if configured), and the Python integration tests
-(pytest) against build/.  Usage: tests/run.py [--quick]
+(pytest) against build/ and again against build-asan/.  Usage: tests/run.py [--quick]
 """
 import json
 import os
@@ -97,6 +97,17 @@ def main():
     p, f = pytest_suite(paths, "integration")
     total_p += p
     total_f += f
+    # The same integration tests against the ASan+UBSan binaries: daemons and
+    # tools under real clients are where memory errors would hide.
+    asan = os.path.join(ROOT, "build-asan")
+    if "--no-asan-integration" not in sys.argv and os.path.exists(
+            os.path.join(asan, "src", "daemon", "laminad")):
+        p, f = pytest_suite(paths, "integration (ASan+UBSan)",
+                            {"LAMINA_BUILD": asan,
+                             "ASAN_OPTIONS": "detect_leaks=1",
+                             "UBSAN_OPTIONS": "print_stacktrace=1:halt_on_error=1"})
+        total_p += p
+        total_f += f
     print(f"TOTAL: {total_p} passed, {total_f} failed")
     return 0 if total_f == 0 else 1
 
