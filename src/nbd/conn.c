@@ -570,6 +570,7 @@ static int validate(NbdConn *c, NbdReq *r)
 void nbd_transmission(NbdConn *c)
 {
     uint32_t inline_max = c->inline_max;
+    bool hard = true; /* all exits but NBD_CMD_DISC drop the client */
     for (;;) {
         uint8_t h[NBD_REQUEST_SIZE];
         if (nbd_read(c, h, sizeof(h)) < 0) {
@@ -582,6 +583,7 @@ void nbd_transmission(NbdConn *c)
         uint16_t type = nbd_get16(h + 6);
         uint32_t len = nbd_get32(h + 24);
         if (type == NBD_CMD_DISC) {
+            hard = false; /* replies to earlier requests still go out */
             break;
         }
         if (type == NBD_CMD_WRITE && len > NBD_MAX_PAYLOAD) {
@@ -625,6 +627,11 @@ void nbd_transmission(NbdConn *c)
              * for waking a worker (not FUA writes: a flush can take long). */
             req_run(&r->task);
         }
+    }
+    if (hard) {
+        /* Nobody will read further replies reliably: make a sender that
+         * is blocked on this socket fail now rather than at the timeout. */
+        shutdown(c->fd, SHUT_RDWR);
     }
     /* Every in-flight request finishes before the export is released. */
     pthread_mutex_lock(&c->lock);

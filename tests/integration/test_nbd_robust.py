@@ -309,3 +309,50 @@ def test_concurrent_raw_clients_threads(srv):
     for k in range(4):
         c.request(U.CMD_READ, 1 * MiB + k * 50 * 4096, 50 * 4096, cookie=k)
         assert c.simple_reply(50 * 4096)[2] == bytes([k]) * 50 * 4096
+
+
+def rss_mib(pid):
+    with open("/proc/%d/status" % pid) as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) // 1024
+    return 0
+
+
+def test_memory_bounded_under_big_write_flood(tmp_path):
+    """Clients pushing 32 MiB writes without reading replies: the server
+    buffers at most its per-connection budget, not everything sent."""
+    img = str(tmp_path / "big.raw")
+    with open(img, "wb") as f:
+        f.truncate(512 * MiB)
+    srv = NbdServe(img, writable=True)
+    if srv.kind != "laminad":
+        srv.close()
+        pytest.skip("needs laminad")
+    with srv:
+        pid = srv.d.proc.pid
+        before = rss_mib(pid)
+        payload = b"\x11" * (32 * MiB)
+        clients = []
+        for k in range(2):
+            c = transmission(srv)
+            c.s.setblocking(False)
+            data = b"".join(struct.pack(">IHHQQI", U.REQ_MAGIC, 0, U.CMD_WRITE, i,
+                                        (i % 16) * 32 * MiB, 32 * MiB) + payload
+                            for i in range(8))
+            view = memoryview(data)
+            end = time.time() + 2
+            while view and time.time() < end:
+                try:
+                    view = view[c.s.send(view):]
+                except BlockingIOError:
+                    time.sleep(0.01)
+            clients.append(c)
+        peak = rss_mib(pid) - before
+        for c in clients:
+            c.s.close()
+        # per connection: 64 MiB budget + one 32 MiB payload being read
+        # + cached slot buffers, well below the 256 MiB each one offers
+        assert peak < 2 * 128, peak
+        time.sleep(0.5)
+        check_serves(srv)

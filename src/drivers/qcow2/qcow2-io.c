@@ -348,6 +348,22 @@ static int write_alloc(Qcow2State *s, int64_t off, int64_t len, LamIOV *qiov,
     }
     pthread_mutex_unlock(&s->lock);
 
+    /* Copy-on-write of zeroes: zero the new clusters with one cheap
+     * request (fallocate or file growth) and write only the guest data,
+     * instead of a whole cluster of which most is zero buffer.  Both land
+     * before the L2 entry (I2), as in the general path. */
+    bool zero_cow = (type == QC_UNALLOC && !lam_node_backing(s->bs)) ||
+                    type == QC_ZERO_PLAIN || type == QC_ZERO_ALLOC;
+    if ((head || tail) && zero_cow &&
+        lam_co_pwrite_zeroes(s->file, host, n * cs, LAM_REQ_NO_FALLBACK) == 0) {
+        LamIOV sub, *v = sub_iov(&sub, qiov, pos, len);
+        ret = lam_co_pwritev(s->file, host + head, len, v, 0);
+        if (v == &sub) {
+            lam_iov_destroy(&sub);
+        }
+        goto link;
+    }
+
     uint8_t *hbuf = NULL, *tbuf = NULL;
     uint64_t tail_entry = entry;
     if (type == QC_NORMAL) {
@@ -383,6 +399,7 @@ static int write_alloc(Qcow2State *s, int64_t off, int64_t len, LamIOV *qiov,
     }
     free(hbuf);
 
+link:
     pthread_mutex_lock(&s->lock);
     if (ret < 0) {
         qc_update_refcount(s, host, n * cs, -1);
