@@ -2,7 +2,9 @@
 # Backup throughput: blockdev-backup sync=full of a data-filled qcow2 image
 # to an empty qcow2 target (both over the file driver, default cache),
 # laminad vs qemu-storage-daemon, interleaved in one run.  Prints per-run
-# MB/s, medians and the ratio; the target is checked with qemu-img check
+# MB/s (to BLOCK_JOB_COMPLETED; laminad's includes its final flush of
+# the target, QSD does none), the daemon's CPU seconds for the job (on a
+# shared machine the fairer efficiency figure), medians and the ratios; the target is checked with qemu-img check
 # and compared with the source after each run.
 #   bench/backup-bench.sh [size_mib=1024] [runs=3]
 # Binaries: $LAMINA_BUILD (default build/).
@@ -18,6 +20,13 @@ from qmp_util import Daemon
 
 size = size_mib << 20
 
+def cpu_seconds(pid):
+    # utime + stime of all threads (fields 14 and 15 of /proc/pid/stat).
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def one(flavor, td, src, check):
     tgt = os.path.join(td, "tgt-%s.qcow2" % flavor)
     subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", tgt, str(size)], check=True)
@@ -28,17 +37,19 @@ def one(flavor, td, src, check):
                                     "file": {"driver": "file", "filename": src}})
         q.cmd("blockdev-add", args={"driver": "qcow2", "node-name": "tgt",
                                     "file": {"driver": "file", "filename": tgt}})
+        c0 = cpu_seconds(d.proc.pid)
         t0 = time.monotonic()
         q.cmd("blockdev-backup", job_id="b", device="src", target="tgt", sync="full")
         ev = q.wait_event("BLOCK_JOB_COMPLETED", timeout=600)
         dt = time.monotonic() - t0
+        cpu = cpu_seconds(d.proc.pid) - c0
         assert "error" not in ev["data"], ev
         d.stop()
     if check:
         subprocess.run(["qemu-img", "check", "-q", tgt], check=True)
         subprocess.run(["qemu-img", "compare", "-q", src, tgt], check=True)
     os.unlink(tgt)
-    return size / dt / 1e6
+    return size / dt / 1e6, cpu
 
 with tempfile.TemporaryDirectory(dir=os.environ.get("BENCH_DIR", "/tmp")) as td:
     raw = os.path.join(td, "src.raw")
@@ -50,13 +61,18 @@ with tempfile.TemporaryDirectory(dir=os.environ.get("BENCH_DIR", "/tmp")) as td:
     subprocess.run(["qemu-img", "convert", "-O", "qcow2", raw, src], check=True)
     os.unlink(raw)
     res = {"laminad": [], "qsd": []}
+    cpus = {"laminad": [], "qsd": []}
     for r in range(runs):
         for flavor in ("laminad", "qsd"):  # interleaved: same cache state
             # Verify the first run of each daemon (outside the timing).
-            mbs = one(flavor, td, src, r == 0)
+            mbs, cpu = one(flavor, td, src, r == 0)
             res[flavor].append(mbs)
-            print(f"run {r + 1} {flavor:8s} {mbs:8.0f} MB/s", flush=True)
+            cpus[flavor].append(cpu)
+            print(f"run {r + 1} {flavor:8s} {mbs:8.0f} MB/s  cpu {cpu:5.2f} s", flush=True)
     ml, mq = statistics.median(res["laminad"]), statistics.median(res["qsd"])
     print(f"backup sync=full {size_mib} MiB: median laminad {ml:.0f} MB/s, "
           f"qsd {mq:.0f} MB/s, ratio laminad/qsd {ml / mq:.2f}")
+    cl, cq = statistics.median(cpus["laminad"]), statistics.median(cpus["qsd"])
+    print(f"daemon CPU for the job: median laminad {cl:.2f} s, qsd {cq:.2f} s, "
+          f"qsd/laminad {cq / cl:.2f}")
 PY
