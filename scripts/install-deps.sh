@@ -4,7 +4,7 @@
 set -e
 PKGS="meson ninja-build pkg-config gcc clang libjansson-dev zlib1g-dev libzstd-dev
       libclang-rt-14-dev qemu-utils qemu-system-common libnbd-bin python3
-      python3-libnbd python3-pytest fio nbdkit"
+      python3-libnbd python3-pytest fio nbdkit socat"
 missing=""
 for p in $PKGS; do
     dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" \
