@@ -20,6 +20,7 @@
 #include "lamina/driver.h"
 
 #define CBW_DEFAULT_CLUSTER (64 * 1024)
+#define CBW_FINE_GRANULARITY 4096
 
 typedef struct CbwState {
     LamChild *file;
@@ -100,6 +101,30 @@ static int64_t target_cluster_size(LamNode *target, int64_t min, LamError **errp
     return cs;
 }
 
+/* The unit of copy-before-write.  Copying the whole target cluster
+ * around a 4 KiB guest write costs the guest a 64 KiB read and write;
+ * a target with no backing file takes a partial cluster as is (the rest
+ * reads as zeroes until the background copy or a later write fills it),
+ * so only the written range needs copying.  A target with a backing file
+ * keeps whole clusters: its driver would fill the rest of a new cluster
+ * from the backing file anyway, and classic fleecing (target backed by
+ * the source) relies on serialised whole-cluster copies.  An explicit
+ * min-cluster-size is honoured as the unit. */
+static int64_t cbw_granularity(CbwState *s, int64_t cs, int64_t min_cluster, int wflags)
+{
+    int64_t gran = CBW_FINE_GRANULARITY;
+    if (min_cluster > 0 || (wflags & LAM_REQ_SERIALISING) ||
+        next_in_chain(s->target->node)) {
+        return cs;
+    }
+    uint32_t a = lam_node_limits(s->target->node)->request_alignment;
+    uint32_t b = lam_node_limits(s->file->node)->request_alignment;
+    if (a > gran || b > gran || gran > cs) {
+        return cs;
+    }
+    return gran;
+}
+
 static int cbw_open(LamNode *bs, json_t *opts, int flags, LamError **errp)
 {
     CbwState *s = bs->opaque;
@@ -157,7 +182,9 @@ static int cbw_open(LamNode *bs, json_t *opts, int flags, LamError **errp)
     if (dbg && *dbg == '1') {
         wflags &= ~LAM_REQ_SERIALISING;
     }
-    s->bcs = lam_block_copy_new(s->file, s->target, cs, wflags, errp);
+    s->bcs = lam_block_copy_new_gran(s->file, s->target, cs,
+                                     cbw_granularity(s, cs, min_cluster, wflags),
+                                     wflags, errp);
     if (!s->bcs) {
         return -EINVAL;
     }

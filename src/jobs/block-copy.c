@@ -33,7 +33,8 @@ typedef struct WorkItem {
 struct LamBlockCopy {
     LamChild *source;
     LamChild *target;
-    int64_t cluster_size;
+    int64_t cluster_size; /* target cluster: snapshot access, compression */
+    int64_t gran;         /* copy bitmap granularity, divides cluster_size */
     int64_t len;
     int write_flags;
     bool target_has_backing;
@@ -72,6 +73,14 @@ LamBlockCopy *lam_block_copy_new(LamChild *source, LamChild *target,
                                  int64_t cluster_size, int write_flags,
                                  LamError **errp)
 {
+    return lam_block_copy_new_gran(source, target, cluster_size, cluster_size,
+                                   write_flags, errp);
+}
+
+LamBlockCopy *lam_block_copy_new_gran(LamChild *source, LamChild *target,
+                                      int64_t cluster_size, int64_t gran,
+                                      int write_flags, LamError **errp)
+{
     int64_t len = lam_node_length(source->node);
     if (len < 0) {
         lam_error_setg_errno(errp, (int)len, "Could not get the length of '%s'",
@@ -82,12 +91,16 @@ LamBlockCopy *lam_block_copy_new(LamChild *source, LamChild *target,
         lam_error_setg(errp, "Invalid copy cluster size %lld", (long long)cluster_size);
         return NULL;
     }
+    if (gran <= 0 || (gran & (gran - 1)) || gran > cluster_size) {
+        lam_error_setg(errp, "Invalid copy granularity %lld", (long long)gran);
+        return NULL;
+    }
     LamBlockCopy *s = calloc(1, sizeof(*s));
     if (!s) {
         lam_error_setg(errp, "Out of memory");
         return NULL;
     }
-    s->bitmap = lam_bitmap_new(len, cluster_size);
+    s->bitmap = lam_bitmap_new(len, gran);
     if (!s->bitmap) {
         free(s);
         lam_error_setg(errp, "Out of memory for the copy bitmap of '%s'",
@@ -107,6 +120,7 @@ LamBlockCopy *lam_block_copy_new(LamChild *source, LamChild *target,
     s->source = source;
     s->target = target;
     s->cluster_size = cluster_size;
+    s->gran = gran;
     s->len = len;
     s->write_flags = write_flags;
     s->target_has_backing = lam_node_backing_node(target->node) != NULL;
@@ -305,13 +319,20 @@ static int do_copy(LamBlockCopy *s, int64_t off, int64_t bytes, void *buf, bool 
     return ret;
 }
 
+/* The smallest piece copied: a compressed write is one whole cluster. */
+static int64_t copy_unit(LamBlockCopy *s)
+{
+    return (s->write_flags & LAM_REQ_WRITE_COMPRESSED) ? s->cluster_size : s->gran;
+}
+
 /* Claims the dirty run starting at `start` (dirty), at most max bytes;
  * lock held.  Returns the task (linked into s->tasks). */
 static CopyTask *claim_locked(LamBlockCopy *s, CopyTask *t, int64_t start, int64_t max)
 {
     int64_t end = lam_bitmap_next_clear(s->bitmap, start);
-    /* Whole clusters only: a bit covers a cluster. */
-    max = max < s->cluster_size ? s->cluster_size : max / s->cluster_size * s->cluster_size;
+    /* Whole bits only (whole clusters when compressing). */
+    int64_t unit = copy_unit(s);
+    max = max < unit ? unit : max / unit * unit;
     if (end - start > max) {
         end = start + max;
     }
@@ -375,9 +396,10 @@ int lam_block_copy_cbw(LamBlockCopy *s, int64_t off, int64_t bytes)
     if (bytes <= 0 || off >= s->len) {
         return 0;
     }
-    int64_t start = off / s->cluster_size * s->cluster_size;
+    int64_t unit = copy_unit(s);
+    int64_t start = off / unit * unit;
     int64_t end = off + bytes;
-    end = (end + s->cluster_size - 1) / s->cluster_size * s->cluster_size;
+    end = (end + unit - 1) / unit * unit;
     if (end > s->len) {
         end = s->len;
     }
@@ -456,7 +478,7 @@ int lam_block_copy_snapshot_read(LamBlockCopy *s, int64_t off, int64_t bytes,
     }
     while (off < end) {
         pthread_mutex_lock(&s->lock);
-        int64_t cend = (off / s->cluster_size + 1) * s->cluster_size;
+        int64_t cend = (off / s->gran + 1) * s->gran;
         int64_t n = (cend < end ? cend : end) - off;
         /* A copy of this cluster is in flight: its data is about to be in
          * the target.  Wait rather than read a half-written cluster. */
@@ -467,7 +489,7 @@ int lam_block_copy_snapshot_read(LamBlockCopy *s, int64_t off, int64_t bytes,
         /* Extend over clusters in the same state. */
         while (off + n < end) {
             int64_t next = off + n;
-            int64_t m = s->cluster_size < end - next ? s->cluster_size : end - next;
+            int64_t m = s->gran < end - next ? s->gran : end - next;
             if (lam_bitmap_get(s->bitmap, next) != dirty || task_overlaps_locked(s, next, m)) {
                 break;
             }

@@ -36,6 +36,13 @@ typedef struct LamBlockCopy LamBlockCopy;
 LamBlockCopy *lam_block_copy_new(LamChild *source, LamChild *target,
                                  int64_t cluster_size, int write_flags,
                                  LamError **errp);
+/* Same, but the copy bitmap (the unit of copy-before-write) has the finer
+ * granularity gran (a power of two dividing cluster_size): a small guest
+ * write then copies only its gran-aligned range.  Snapshot access and
+ * discard stay per cluster_size. */
+LamBlockCopy *lam_block_copy_new_gran(LamChild *source, LamChild *target,
+                                      int64_t cluster_size, int64_t gran,
+                                      int write_flags, LamError **errp);
 void lam_block_copy_free(LamBlockCopy *s);
 /* Discard each range on the source once it is in the target (push backup
  * from snapshot-access: releases the fleecing space as the copy goes). */
