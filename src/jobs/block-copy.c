@@ -39,6 +39,7 @@ struct LamBlockCopy {
     int write_flags;
     bool target_has_backing;
     bool discard_source;  /* set before copying starts */
+    bool use_offload;     /* set before copying starts */
     /* Copy offload: no_offload is set when it answered -ENOTSUP before
      * ever working (the layers can't: the job reads and writes from then
      * on); once it has worked, -ENOTSUP only means "not this range"
@@ -154,6 +155,11 @@ void lam_block_copy_set_discard_source(LamBlockCopy *s, bool discard)
     s->discard_source = discard;
 }
 
+void lam_block_copy_set_offload(LamBlockCopy *s, bool offload)
+{
+    s->use_offload = offload;
+}
+
 void lam_block_copy_set_compress(LamBlockCopy *s, bool compress)
 {
     if (compress) {
@@ -214,7 +220,7 @@ static int write_zeroes(LamBlockCopy *s, int64_t off, int64_t bytes)
  * from write errors. */
 static bool try_offload(LamBlockCopy *s, int64_t off, int64_t bytes)
 {
-    if (atomic_load(&s->no_offload) || (s->write_flags & LAM_REQ_WRITE_COMPRESSED)) {
+    if (!s->use_offload || atomic_load(&s->no_offload) || (s->write_flags & LAM_REQ_WRITE_COMPRESSED)) {
         return false;
     }
     int ret = lam_co_copy_range(s->source, off, s->target, off, bytes,
