@@ -8,7 +8,7 @@
 # and compared with the source after each run.
 #   bench/backup-bench.sh [size_mib=1024] [runs=3]
 # COPY_RANGE=1 passes x-perf {"use-copy-range": true} (copy offload) to
-# both daemons.
+# both daemons; MAX_CHUNK / MAX_WORKERS set x-perf max-chunk / max-workers.
 # Binaries: $LAMINA_BUILD (default build/).
 set -e
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
@@ -18,7 +18,11 @@ exec /usr/bin/python3 - "$ROOT" "$SIZE_MIB" "$RUNS" <<'PY'
 import os, statistics, subprocess, sys, tempfile, time
 root, size_mib, runs = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
 copy_range = os.environ.get("COPY_RANGE", "0") == "1"
-extra = {"x-perf": {"use-copy-range": True}} if copy_range else {}
+perf = {"use-copy-range": True} if copy_range else {}
+for var, key in (("MAX_CHUNK", "max-chunk"), ("MAX_WORKERS", "max-workers")):
+    if os.environ.get(var):
+        perf[key] = int(os.environ[var])
+extra = {"x-perf": perf} if perf else {}
 sys.path.insert(0, os.path.join(root, "tests", "integration"))
 from qmp_util import Daemon
 
