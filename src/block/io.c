@@ -665,6 +665,12 @@ static int copy_to(LamChild *src, int64_t src_off, LamChild *dst,
     }
     bool serialising = flags & LAM_REQ_SERIALISING;
     flags &= ~(LAM_REQ_SERIALISING | LAM_REQ_NO_SERIALISE_WAIT);
+    /* The source request on this same node is still tracked: a
+     * serialising destination overlapping it would wait for itself. */
+    if (serialising && src->node == bs &&
+        ranges_overlap(src_off, bytes, dst_off, bytes)) {
+        return -ENOTSUP;
+    }
     int ret = -ENOTSUP;
     LamTrackedReq req;
     track_begin(bs, &req, dst_off, bytes, serialising, true);
@@ -720,6 +726,13 @@ int lam_co_copy_range(LamChild *src, int64_t src_off, LamChild *dst,
     }
     if (bytes == 0) {
         return 0;
+    }
+    /* Our source requests stay tracked on the way down: a serialising
+     * destination request overlapping one of them on the same node would
+     * wait for itself (copy_to checks again where the chains meet). */
+    if ((flags & LAM_REQ_SERIALISING) && src->node == dst->node &&
+        ranges_overlap(src_off, bytes, dst_off, bytes)) {
+        return -ENOTSUP;
     }
     /* One drain-gate entry covers both edges: entering twice could block
      * a drain that waits for the first entry. */
