@@ -109,6 +109,14 @@ static void test_raw_to_raw(void)
     CHECK_EQ(lam_co_copy_range(a.c, 12345, b.c, 3 * MiB + 7, 300000, 0), 0);
     CHECK(same(&b, 3 * MiB + 7, 300000, buf + 12345));
     CHECK(same(&b, 0, 3 * MiB + 7, buf));
+    /* Within one node, serialising and overlapping: refused, not a
+     * self-deadlock on the node's tracked requests. */
+    CHECK_EQ(lam_co_copy_range(a.c, 0, a.c, 4096, 65536, LAM_REQ_SERIALISING), -ENOTSUP);
+    /* Within one node, apart: copied. */
+    CHECK_EQ(lam_co_copy_range(a.c, 0, a.c, 2 * MiB, 4096, LAM_REQ_SERIALISING), 0);
+    uint8_t chk[4096];
+    CHECK(lam_co_pread(a.c, 2 * MiB, 4096, chk, 0) == 0 && memcmp(chk, buf, 4096) == 0);
+    memcpy(buf + 2 * MiB, buf, 4096); /* keep buf equal to a */
     /* Past the end of the root edge: refused like a write. */
     CHECK_EQ(lam_co_copy_range(a.c, 0, b.c, SIZE - 4096, 8192, 0), -EIO);
     free(buf);
