@@ -7,6 +7,8 @@
 # shared machine the fairer efficiency figure), medians and the ratios; the target is checked with qemu-img check
 # and compared with the source after each run.
 #   bench/backup-bench.sh [size_mib=1024] [runs=3]
+# COPY_RANGE=1 passes x-perf {"use-copy-range": true} (copy offload) to
+# both daemons; MAX_CHUNK / MAX_WORKERS set x-perf max-chunk / max-workers.
 # Binaries: $LAMINA_BUILD (default build/).
 set -e
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
@@ -15,6 +17,12 @@ RUNS=${2:-3}
 exec /usr/bin/python3 - "$ROOT" "$SIZE_MIB" "$RUNS" <<'PY'
 import os, statistics, subprocess, sys, tempfile, time
 root, size_mib, runs = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
+copy_range = os.environ.get("COPY_RANGE", "0") == "1"
+perf = {"use-copy-range": True} if copy_range else {}
+for var, key in (("MAX_CHUNK", "max-chunk"), ("MAX_WORKERS", "max-workers")):
+    if os.environ.get(var):
+        perf[key] = int(os.environ[var])
+extra = {"x-perf": perf} if perf else {}
 sys.path.insert(0, os.path.join(root, "tests", "integration"))
 from qmp_util import Daemon
 
@@ -39,7 +47,7 @@ def one(flavor, td, src, check):
                                     "file": {"driver": "file", "filename": tgt}})
         c0 = cpu_seconds(d.proc.pid)
         t0 = time.monotonic()
-        q.cmd("blockdev-backup", job_id="b", device="src", target="tgt", sync="full")
+        q.cmd("blockdev-backup", job_id="b", device="src", target="tgt", sync="full", **extra)
         ev = q.wait_event("BLOCK_JOB_COMPLETED", timeout=600)
         dt = time.monotonic() - t0
         cpu = cpu_seconds(d.proc.pid) - c0
@@ -70,7 +78,7 @@ with tempfile.TemporaryDirectory(dir=os.environ.get("BENCH_DIR", "/tmp")) as td:
             cpus[flavor].append(cpu)
             print(f"run {r + 1} {flavor:8s} {mbs:8.0f} MB/s  cpu {cpu:5.2f} s", flush=True)
     ml, mq = statistics.median(res["laminad"]), statistics.median(res["qsd"])
-    print(f"backup sync=full {size_mib} MiB: median laminad {ml:.0f} MB/s, "
+    print(f"backup sync=full {size_mib} MiB{' use-copy-range' if copy_range else ''}: median laminad {ml:.0f} MB/s, "
           f"qsd {mq:.0f} MB/s, ratio laminad/qsd {ml / mq:.2f}")
     cl, cq = statistics.median(cpus["laminad"]), statistics.median(cpus["qsd"])
     print(f"daemon CPU for the job: median laminad {cl:.2f} s, qsd {cq:.2f} s, "

@@ -188,6 +188,16 @@ int lam_co_pwrite(LamChild *c, int64_t off, int64_t bytes, const void *buf,
 int lam_co_pwrite_zeroes(LamChild *c, int64_t off, int64_t bytes, int flags);
 int lam_co_pdiscard(LamChild *c, int64_t off, int64_t bytes);
 int lam_co_flush(LamChild *c);
+/* Copies [src_off, src_off+bytes) of src to dst_off in dst without passing
+ * the data through user space (copy offload, see driver.h).  Needs write
+ * permission on dst.  flags: LAM_REQ_SERIALISING (on the dst request).
+ * Returns 0 or -errno; -ENOTSUP when some layer can't offload this range
+ * (then nothing or part of it was copied: read and write it instead). */
+int lam_co_copy_range(LamChild *src, int64_t src_off, LamChild *dst,
+                      int64_t dst_off, int64_t bytes, int flags);
+/* The destination half, for drivers at the bottom of the source chain. */
+int lam_co_copy_range_to(LamChild *src, int64_t src_off, LamChild *dst,
+                         int64_t dst_off, int64_t bytes, int flags);
 /* Status of [off, off+bytes) in this node only.  Returns LAM_BS_* flags or
  * -errno; *pnum (> 0 unless at EOF) is the length with the same status. */
 int lam_co_block_status(LamChild *c, int64_t off, int64_t bytes,

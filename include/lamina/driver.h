@@ -11,6 +11,20 @@
  *   flush -> flush of every child
  *   block_status -> protocol: all DATA|OFFSET_VALID; filter: forwarded
  *   any data callback of a FILTER -> forwarded to its filtered child
+ *   copy_range_from/_to -> -ENOTSUP (the caller reads and writes); a
+ *     FILTER without preadv (source side) / pwritev (destination side)
+ *     is passed through, one that looks at the data is not
+ *
+ * Copy offload is dispatched from both ends (lam_co_copy_range): the
+ * source chain is walked first through copy_range_from -- a format maps
+ * its side to its file child and calls lam_co_copy_range() on that edge;
+ * the protocol at the bottom calls lam_co_copy_range_to(), which walks the
+ * destination chain through copy_range_to in the same way, until the
+ * protocol there moves the bytes (the file driver: copy_file_range()
+ * between two file nodes).  A driver returns -ENOTSUP for any part it
+ * can't map (unallocated or compressed source clusters, partial
+ * destination clusters); the caller then falls back to read + write of the
+ * whole range, so a partly done copy is harmless.
  *
  * Callbacks run on any thread, concurrently on the same node: a driver
  * protects its own state (each lock in a driver says what it protects).
@@ -67,6 +81,13 @@ struct LamDriver {
     int (*pwritev)(LamNode *bs, int64_t off, int64_t bytes, LamIOV *qiov, int flags);
     int (*pwrite_zeroes)(LamNode *bs, int64_t off, int64_t bytes, int flags);
     int (*pdiscard)(LamNode *bs, int64_t off, int64_t bytes);
+    /* Copy offload, see above.  src->node == bs (from) / dst->node == bs
+     * (to); offsets are aligned to both nodes' request_alignment. */
+    int (*copy_range_from)(LamNode *bs, LamChild *src, int64_t off,
+                           LamChild *dst, int64_t dst_off, int64_t bytes,
+                           int flags);
+    int (*copy_range_to)(LamNode *bs, LamChild *src, int64_t src_off,
+                         LamChild *dst, int64_t off, int64_t bytes, int flags);
     /* Writes back the driver's own caches and makes its writes to its
      * children durable in order (it may flush children itself for
      * ordering).  The core then flushes every writable child edge. */

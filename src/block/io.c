@@ -650,6 +650,123 @@ int lam_co_flush(LamChild *c)
     return ret;
 }
 
+/* ---- copy offload (see driver.h) ---- */
+
+static int copy_to(LamChild *src, int64_t src_off, LamChild *dst,
+                   int64_t dst_off, int64_t bytes, int flags)
+{
+    LamNode *bs = dst->node;
+    const LamDriver *drv = bs->drv;
+    if (!may_write(dst, 0) || bs->read_only) {
+        return -EPERM;
+    }
+    if (!is_aligned(bs, dst_off, bytes)) {
+        return -ENOTSUP;
+    }
+    bool serialising = flags & LAM_REQ_SERIALISING;
+    flags &= ~(LAM_REQ_SERIALISING | LAM_REQ_NO_SERIALISE_WAIT);
+    /* The source request on this same node is still tracked: a
+     * serialising destination overlapping it would wait for itself. */
+    if (serialising && src->node == bs &&
+        ranges_overlap(src_off, bytes, dst_off, bytes)) {
+        return -ENOTSUP;
+    }
+    int ret = -ENOTSUP;
+    LamTrackedReq req;
+    track_begin(bs, &req, dst_off, bytes, serialising, true);
+    if (drv->copy_range_to) {
+        ret = drv->copy_range_to(bs, src, src_off, dst, dst_off, bytes, flags);
+    } else if (drv->kind == LAM_DRV_FILTER && !drv->pwritev && filtered_child(bs)) {
+        ret = copy_to(src, src_off, filtered_child(bs), dst_off, bytes, flags);
+    }
+    track_end(bs, &req);
+    if (ret >= 0) {
+        uint64_t end = (uint64_t)(dst_off + bytes);
+        uint64_t cur = atomic_load(&bs->wr_highest_offset);
+        while (end > cur &&
+               !atomic_compare_exchange_weak(&bs->wr_highest_offset, &cur, end)) {
+        }
+    }
+    return ret < 0 ? ret : 0;
+}
+
+static int copy_from(LamChild *src, int64_t src_off, LamChild *dst,
+                     int64_t dst_off, int64_t bytes, int flags)
+{
+    LamNode *bs = src->node;
+    const LamDriver *drv = bs->drv;
+    int64_t len = lam_node_length(bs);
+    if (len < 0) {
+        return (int)len;
+    }
+    /* Past the end reads as zeroes, which no layer below can copy. */
+    if (!is_aligned(bs, src_off, bytes) || src_off + bytes > len) {
+        return -ENOTSUP;
+    }
+    int ret = -ENOTSUP;
+    LamTrackedReq req;
+    track_begin(bs, &req, src_off, bytes, false, false);
+    if (drv->copy_range_from) {
+        ret = drv->copy_range_from(bs, src, src_off, dst, dst_off, bytes, flags);
+    } else if (drv->kind == LAM_DRV_FILTER && !drv->preadv && filtered_child(bs)) {
+        ret = copy_from(filtered_child(bs), src_off, dst, dst_off, bytes, flags);
+    }
+    track_end(bs, &req);
+    return ret < 0 ? ret : 0;
+}
+
+int lam_co_copy_range(LamChild *src, int64_t src_off, LamChild *dst,
+                      int64_t dst_off, int64_t bytes, int flags)
+{
+    if (src_off < 0 || dst_off < 0 || bytes < 0) {
+        return -EINVAL;
+    }
+    if (!may_write(dst, 0)) {
+        return -EPERM;
+    }
+    if (bytes == 0) {
+        return 0;
+    }
+    /* Our source requests stay tracked on the way down: a serialising
+     * destination request overlapping one of them on the same node would
+     * wait for itself (copy_to checks again where the chains meet). */
+    if ((flags & LAM_REQ_SERIALISING) && src->node == dst->node &&
+        ranges_overlap(src_off, bytes, dst_off, bytes)) {
+        return -ENOTSUP;
+    }
+    /* One drain-gate entry covers both edges: entering twice could block
+     * a drain that waits for the first entry. */
+    bool is_root_ = !src->parent || !dst->parent;
+    if (is_root_) {
+        lam_root_req_enter();
+        int chk = !src->parent ? root_check(src, src_off, bytes) : 0;
+        if (chk == 0 && !dst->parent) {
+            chk = root_check(dst, dst_off, bytes);
+        }
+        if (chk < 0) {
+            lam_root_req_leave();
+            return chk;
+        }
+    }
+    int ret = copy_from(src, src_off, dst, dst_off, bytes, flags);
+    ROOT_LEAVE();
+    return ret;
+}
+
+int lam_co_copy_range_to(LamChild *src, int64_t src_off, LamChild *dst,
+                         int64_t dst_off, int64_t bytes, int flags)
+{
+    if (src_off < 0 || dst_off < 0 || bytes < 0) {
+        return -EINVAL;
+    }
+    if (bytes == 0) {
+        return 0;
+    }
+    /* Reached from inside lam_co_copy_range: the root edges, if any, were
+     * entered and checked there. */
+    return copy_to(src, src_off, dst, dst_off, bytes, flags);
+}
+
 int lam_co_block_status(LamChild *c, int64_t off, int64_t bytes, int64_t *pnum,
                         int64_t *map, LamNode **file)
 {

@@ -239,6 +239,63 @@ static int file_pwritev(LamNode *bs, int64_t off, int64_t bytes, LamIOV *qiov, i
     return ret;
 }
 
+/* Copy offload: the source chain ends here; walk the destination's. */
+static int file_copy_range_from(LamNode *bs, LamChild *src, int64_t off,
+                                LamChild *dst, int64_t dst_off, int64_t bytes,
+                                int flags)
+{
+    (void)bs;
+    return lam_co_copy_range_to(src, off, dst, dst_off, bytes, flags);
+}
+
+extern const LamDriver lam_drv_file;
+
+/* Both ends are files: the kernel moves the data (and may share extents
+ * or copy on the server), without a trip through our buffers. */
+static int file_copy_range_to(LamNode *bs, LamChild *src, int64_t src_off,
+                              LamChild *dst, int64_t off, int64_t bytes,
+                              int flags)
+{
+    (void)dst;
+    if (src->node->drv != &lam_drv_file) {
+        return -ENOTSUP;
+    }
+    FileState *ss = src->node->opaque, *ds = bs->opaque;
+    loff_t in = src_off, out = off;
+    int64_t done = 0;
+    while (done < bytes) {
+        size_t n = bytes - done > (1 << 30) ? (size_t)1 << 30 : (size_t)(bytes - done);
+        ssize_t r = copy_file_range(ss->fd, &in, ds->fd, &out, n, 0);
+        if (r < 0 && errno == EINTR) {
+            continue;
+        }
+        if (r < 0) {
+            int err = errno;
+            if (err == EXDEV || err == EINVAL || err == EOPNOTSUPP ||
+                err == ENOSYS || err == EBADF || err == ETXTBSY) {
+                err = ENOTSUP;
+            }
+            if (done > 0) {
+                size_at_least(ds, off + done);
+            }
+            return -err;
+        }
+        if (r == 0) {
+            /* The source file ends early: those bytes read as zeroes. */
+            if (done > 0) {
+                size_at_least(ds, off + done);
+            }
+            return -ENOTSUP;
+        }
+        done += r;
+    }
+    size_at_least(ds, off + bytes);
+    if (flags & LAM_REQ_FUA) {
+        return file_flush(bs);
+    }
+    return 0;
+}
+
 static int file_pwrite_zeroes(LamNode *bs, int64_t off, int64_t bytes, int flags)
 {
     FileState *s = bs->opaque;
@@ -466,6 +523,8 @@ const LamDriver lam_drv_file = {
     .pwritev = file_pwritev,
     .pwrite_zeroes = file_pwrite_zeroes,
     .pdiscard = file_pdiscard,
+    .copy_range_from = file_copy_range_from,
+    .copy_range_to = file_copy_range_to,
     .flush = file_flush,
     .block_status = file_block_status,
     .truncate = file_truncate,

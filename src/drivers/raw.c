@@ -123,6 +123,30 @@ static int raw_pwritev(LamNode *bs, int64_t off, int64_t bytes, LamIOV *qiov, in
     return lam_co_pwritev(s->file, off + s->offset, bytes, qiov, flags);
 }
 
+static int raw_copy_range_from(LamNode *bs, LamChild *src, int64_t off,
+                               LamChild *dst, int64_t dst_off, int64_t bytes,
+                               int flags)
+{
+    RawState *s = bs->opaque;
+    (void)src;
+    return lam_co_copy_range(s->file, off + s->offset, dst, dst_off, bytes, flags);
+}
+
+static int raw_copy_range_to(LamNode *bs, LamChild *src, int64_t src_off,
+                             LamChild *dst, int64_t off, int64_t bytes, int flags)
+{
+    RawState *s = bs->opaque;
+    (void)dst;
+    if (s->size >= 0 && off + bytes > s->size) {
+        return -ENOSPC;
+    }
+    /* Sector 0 of a probed raw image is checked in the data: read it. */
+    if (bs->probed_raw && off < 512) {
+        return -ENOTSUP;
+    }
+    return lam_co_copy_range_to(src, src_off, s->file, off + s->offset, bytes, flags);
+}
+
 static int raw_pwrite_zeroes(LamNode *bs, int64_t off, int64_t bytes, int flags)
 {
     RawState *s = bs->opaque;
@@ -225,6 +249,8 @@ const LamDriver lam_drv_raw = {
     .refresh_limits = raw_refresh_limits,
     .preadv = raw_preadv,
     .pwritev = raw_pwritev,
+    .copy_range_from = raw_copy_range_from,
+    .copy_range_to = raw_copy_range_to,
     .pwrite_zeroes = raw_pwrite_zeroes,
     .pdiscard = raw_pdiscard,
     .block_status = raw_block_status,

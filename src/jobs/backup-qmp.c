@@ -87,9 +87,7 @@ static int parse_backup_args(json_t *args, LamBackupParams *p, LamNode *source,
     p->discard_source = lam_opt_bool(args, "discard-source", false, &err);
     json_t *perf = json_object_get(args, "x-perf");
     if (perf) {
-        if (lam_opt_bool(perf, "use-copy-range", false, &err)) {
-            /* copy offload is not implemented: plain copies are used */
-        }
+        p->use_copy_range = lam_opt_bool(perf, "use-copy-range", false, &err);
         int64_t mw = lam_opt_int(perf, "max-workers", 64, &err);
         p->min_cluster_size = lam_opt_int(perf, "min-cluster-size", 0, &err);
         if (!err && (p->min_cluster_size < 0 ||

@@ -261,6 +261,7 @@ LamJob *lam_backup_start(LamNode *source, LamNode *target, const LamBackupParams
     lam_cbw_set_compress(b->filter, p->compress);
     b->bcs = lam_cbw_block_copy(b->filter);
     lam_block_copy_set_discard_source(b->bcs, p->discard_source);
+    lam_block_copy_set_offload(b->bcs, p->use_copy_range);
     lam_block_copy_set_progress(b->bcs, backup_progress, &b->common);
     lam_job_progress_set_remaining(&b->common, lam_block_copy_dirty_bytes(b->bcs));
     if (lam_node_replace(source, b->filter, &err) < 0) {

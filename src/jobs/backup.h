@@ -22,6 +22,7 @@ typedef struct LamBackupParams {
     int64_t max_chunk;               /* x-perf.max-chunk (0: engine default) */
     int64_t min_cluster_size;        /* x-perf.min-cluster-size (0: default) */
     bool discard_source;             /* discard what was copied (9.1) */
+    bool use_copy_range;             /* x-perf.use-copy-range: copy offload */
 } LamBackupParams;
 
 void lam_backup_params_init(LamBackupParams *p);

@@ -39,6 +39,13 @@ struct LamBlockCopy {
     int write_flags;
     bool target_has_backing;
     bool discard_source;  /* set before copying starts */
+    bool use_offload;     /* set before copying starts */
+    /* Copy offload: no_offload is set when it answered -ENOTSUP before
+     * ever working (the layers can't: the job reads and writes from then
+     * on); once it has worked, -ENOTSUP only means "not this range"
+     * (backing data, a partial cluster at the end). */
+    _Atomic bool no_offload;
+    _Atomic bool offload_ok;
     void (*progress_cb)(void *opaque, int64_t bytes);
     void *progress_opaque;
 
@@ -148,6 +155,11 @@ void lam_block_copy_set_discard_source(LamBlockCopy *s, bool discard)
     s->discard_source = discard;
 }
 
+void lam_block_copy_set_offload(LamBlockCopy *s, bool offload)
+{
+    s->use_offload = offload;
+}
+
 void lam_block_copy_set_compress(LamBlockCopy *s, bool compress)
 {
     if (compress) {
@@ -201,9 +213,33 @@ static int write_zeroes(LamBlockCopy *s, int64_t off, int64_t bytes)
     return lam_co_pwrite_zeroes(s->target, off, bytes, flags);
 }
 
-static int copy_data(LamBlockCopy *s, int64_t off, int64_t bytes, void *buf,
-                     bool *is_read)
+/* Copy offload of a data extent: the kernel moves the bytes file to file,
+ * no copy to and from our buffer.  Not with compression (the target must
+ * see the data) nor for zero extents (write_zeroes keeps them sparse).
+ * Any failure falls back to read + write, which also tells read errors
+ * from write errors. */
+static bool try_offload(LamBlockCopy *s, int64_t off, int64_t bytes)
 {
+    if (!s->use_offload || atomic_load(&s->no_offload) || (s->write_flags & LAM_REQ_WRITE_COMPRESSED)) {
+        return false;
+    }
+    int ret = lam_co_copy_range(s->source, off, s->target, off, bytes,
+                                s->write_flags & LAM_REQ_SERIALISING);
+    if (ret == 0) {
+        atomic_store(&s->offload_ok, true);
+    } else if (ret == -ENOTSUP && !atomic_load(&s->offload_ok)) {
+        atomic_store(&s->no_offload, true);
+    }
+    return ret == 0;
+}
+
+static int copy_data(LamBlockCopy *s, int64_t off, int64_t bytes, void *buf,
+                     bool *is_read, bool offload)
+{
+    if (offload && try_offload(s, off, bytes)) {
+        *is_read = false;
+        return 0;
+    }
     int ret = lam_co_pread(s->source, off, bytes, buf, 0);
     if (ret < 0) {
         *is_read = true;
@@ -274,8 +310,11 @@ static void *alloc_buf(LamBlockCopy *s, int64_t bytes)
 }
 
 /* Copies [off, off+bytes) (cluster aligned, within len) through buf,
- * which holds at least bytes. */
-static int do_copy(LamBlockCopy *s, int64_t off, int64_t bytes, void *buf, bool *is_read)
+ * which holds at least bytes, or by copy offload if `offload` (the
+ * background copy; copy-before-write keeps read + write: the guest write
+ * waits for it and its chunks are small). */
+static int do_copy(LamBlockCopy *s, int64_t off, int64_t bytes, void *buf, bool *is_read,
+                   bool offload)
 {
     int64_t start = off;
     *is_read = false;
@@ -309,7 +348,7 @@ static int do_copy(LamBlockCopy *s, int64_t off, int64_t bytes, void *buf, bool 
                 }
             }
         }
-        ret = zero ? write_zeroes(s, off, pnum) : copy_data(s, off, pnum, buf, is_read);
+        ret = zero ? write_zeroes(s, off, pnum) : copy_data(s, off, pnum, buf, is_read, offload);
         off += pnum;
     }
     if (ret == 0 && s->discard_source) {
@@ -415,7 +454,7 @@ int lam_block_copy_cbw(LamBlockCopy *s, int64_t off, int64_t bytes)
             pthread_mutex_unlock(&s->lock);
             bool is_read;
             void *buf = alloc_buf(s, t.bytes);
-            ret = buf ? do_copy(s, t.off, t.bytes, buf, &is_read) : -ENOMEM;
+            ret = buf ? do_copy(s, t.off, t.bytes, buf, &is_read, false) : -ENOMEM;
             free(buf);
             pthread_mutex_lock(&s->lock);
             task_end_locked(s, &t, ret);
@@ -585,7 +624,7 @@ static void *worker_main(void *opaque)
         s->queue = w->next;
         pthread_mutex_unlock(&s->lock);
         bool is_read;
-        int ret = buf ? do_copy(s, w->task.off, w->task.bytes, buf, &is_read) : -ENOMEM;
+        int ret = buf ? do_copy(s, w->task.off, w->task.bytes, buf, &is_read, true) : -ENOMEM;
         if (ret == 0) {
             report_progress(s, w->task.bytes);
         }

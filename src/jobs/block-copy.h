@@ -49,6 +49,12 @@ void lam_block_copy_free(LamBlockCopy *s);
 void lam_block_copy_set_discard_source(LamBlockCopy *s, bool discard);
 /* Before any copy starts: write the target with LAM_REQ_WRITE_COMPRESSED. */
 void lam_block_copy_set_compress(LamBlockCopy *s, bool compress);
+/* Lets the background copy move data extents by copy offload
+ * (lam_co_copy_range, x-perf.use-copy-range).  Off by default as in QEMU:
+ * offloaded data that happens to be zero is stored as data, where read +
+ * write would notice the zeroes and keep the target sparse.  Set before
+ * copying starts. */
+void lam_block_copy_set_offload(LamBlockCopy *s, bool offload);
 
 int64_t lam_block_copy_cluster_size(LamBlockCopy *s);
 int64_t lam_block_copy_len(LamBlockCopy *s);

@@ -321,16 +321,11 @@ static int link_clusters(Qcow2State *s, int64_t off, int64_t n, int64_t host,
     return release_old(s, &fl, off >> s->cluster_bits, (off >> s->cluster_bits) + n);
 }
 
-/* Allocating write of guest [off, off+len) whose clusters all have type
- * `type` (first entry `entry`) within one L2 table.  Called with the lock
- * held and an ALLOC entry registered; returns with the lock held. */
-static int write_alloc(Qcow2State *s, int64_t off, int64_t len, LamIOV *qiov,
-                       size_t pos, int type, uint64_t entry)
+/* New host clusters for n guest clusters from off (one L2 table), with
+ * the image marked dirty and the L2 table in place so that linking can't
+ * fail for lack of it.  Lock held. */
+static int64_t reserve_clusters(Qcow2State *s, int64_t off, int64_t n)
 {
-    int64_t cs = s->cluster_size;
-    int64_t c0 = off >> s->cluster_bits, c1 = (off + len - 1) >> s->cluster_bits;
-    int64_t n = c1 - c0 + 1;
-    int64_t head = off - c0 * cs, tail = (c1 + 1) * cs - (off + len);
     int ret = qc_mark_dirty(s);
     uint8_t *t;
     if (ret == 0) {
@@ -342,7 +337,32 @@ static int write_alloc(Qcow2State *s, int64_t off, int64_t len, LamIOV *qiov,
     if (ret < 0) {
         return ret;
     }
-    int64_t host = qc_alloc_clusters(s, n);
+    return qc_alloc_clusters(s, n);
+}
+
+/* After the data reached the new clusters (I2): links them, or gives them
+ * back if writing failed.  Lock held. */
+static int finish_alloc(Qcow2State *s, int64_t off, int64_t n, int64_t host, int ret)
+{
+    if (ret < 0) {
+        qc_update_refcount(s, host, n * s->cluster_size, -1);
+        return ret;
+    }
+    return link_clusters(s, off, n, host, 0);
+}
+
+/* Allocating write of guest [off, off+len) whose clusters all have type
+ * `type` (first entry `entry`) within one L2 table.  Called with the lock
+ * held and an ALLOC entry registered; returns with the lock held. */
+static int write_alloc(Qcow2State *s, int64_t off, int64_t len, LamIOV *qiov,
+                       size_t pos, int type, uint64_t entry)
+{
+    int64_t cs = s->cluster_size;
+    int64_t c0 = off >> s->cluster_bits, c1 = (off + len - 1) >> s->cluster_bits;
+    int64_t n = c1 - c0 + 1;
+    int64_t head = off - c0 * cs, tail = (c1 + 1) * cs - (off + len);
+    int ret = 0;
+    int64_t host = reserve_clusters(s, off, n);
     if (host < 0) {
         return (int)host;
     }
@@ -401,11 +421,7 @@ static int write_alloc(Qcow2State *s, int64_t off, int64_t len, LamIOV *qiov,
 
 link:
     pthread_mutex_lock(&s->lock);
-    if (ret < 0) {
-        qc_update_refcount(s, host, n * cs, -1);
-        return ret;
-    }
-    return link_clusters(s, off, n, host, 0);
+    return finish_alloc(s, off, n, host, ret);
 }
 
 static int write_compressed(Qcow2State *s, int64_t off, int64_t bytes, LamIOV *qiov)
@@ -564,6 +580,113 @@ int qc_pwritev(LamNode *bs, int64_t off, int64_t bytes, LamIOV *qiov, int flags)
         pthread_mutex_unlock(&s->lock);
         off += run;
         pos += (size_t)run;
+        bytes -= run;
+    }
+    return ret;
+}
+
+/* ---- copy offload (see driver.h) ---- */
+
+/* Source side: only clusters of this layer with data in the file. */
+int qc_copy_range_from(LamNode *bs, LamChild *src, int64_t off, LamChild *dst,
+                       int64_t dst_off, int64_t bytes, int flags)
+{
+    Qcow2State *s = bs->opaque;
+    int ret = 0;
+    (void)src;
+    while (bytes > 0 && ret == 0) {
+        int64_t run;
+        uint64_t entry;
+        Qcow2Inflight io;
+        pthread_mutex_lock(&s->lock);
+        int type = qc_lookup(s, off, bytes, &run, &entry);
+        if (type != QC_NORMAL) {
+            pthread_mutex_unlock(&s->lock);
+            return type < 0 ? type : -ENOTSUP;
+        }
+        inflight_add(s, &io, off, run, QC_INFLIGHT_IO);
+        pthread_mutex_unlock(&s->lock);
+        int64_t host = (int64_t)(entry & QCOW2_L2_OFFSET_MASK) + (off & (s->cluster_size - 1));
+        ret = lam_co_copy_range(s->file, host, dst, dst_off, run, flags);
+        pthread_mutex_lock(&s->lock);
+        inflight_del(s, &io);
+        pthread_mutex_unlock(&s->lock);
+        off += run;
+        dst_off += run;
+        bytes -= run;
+    }
+    return ret;
+}
+
+/* Allocating copy of whole clusters: as write_alloc without copy-on-write
+ * (nothing of the old clusters survives).  Lock held, ALLOC registered. */
+static int copy_alloc(Qcow2State *s, LamChild *src, int64_t src_off, int64_t off,
+                      int64_t len, int flags)
+{
+    int64_t n = len >> s->cluster_bits;
+    int64_t host = reserve_clusters(s, off, n);
+    if (host < 0) {
+        return (int)host;
+    }
+    pthread_mutex_unlock(&s->lock);
+    int ret = lam_co_copy_range_to(src, src_off, s->file, host, len, flags);
+    pthread_mutex_lock(&s->lock);
+    return finish_alloc(s, off, n, host, ret);
+}
+
+/* Destination side: whole clusters only, into clusters this image owns
+ * alone (NORMAL with COPIED) or into newly allocated ones. */
+int qc_copy_range_to(LamNode *bs, LamChild *src, int64_t src_off, LamChild *dst,
+                     int64_t off, int64_t bytes, int flags)
+{
+    Qcow2State *s = bs->opaque;
+    (void)dst;
+    if (atomic_load(&s->corrupt) || s->read_only) {
+        return s->read_only ? -EACCES : -EIO;
+    }
+    if ((off | bytes) & (s->cluster_size - 1)) {
+        return -ENOTSUP;
+    }
+    int ret = 0;
+    while (bytes > 0 && ret == 0) {
+        int64_t run;
+        uint64_t entry;
+        Qcow2Inflight e;
+        pthread_mutex_lock(&s->lock);
+        int type = qc_lookup(s, off, bytes, &run, &entry);
+        int64_t host = (int64_t)(entry & QCOW2_L2_OFFSET_MASK);
+        if (type == QC_NORMAL && (entry & QCOW2_OFLAG_COPIED)) {
+            const char *meta = overlaps_metadata(s, host, run);
+            if (meta) {
+                qc_signal_corruption(s, host, s->cluster_size,
+                                     "Preventing invalid write on metadata (overlaps with %s)",
+                                     meta);
+                type = -EIO;
+            }
+        }
+        if (type == QC_NORMAL && (entry & QCOW2_OFLAG_COPIED)) {
+            inflight_add(s, &e, off, run, QC_INFLIGHT_IO);
+            pthread_mutex_unlock(&s->lock);
+            ret = lam_co_copy_range_to(src, src_off, s->file, host, run, flags);
+            pthread_mutex_lock(&s->lock);
+            inflight_del(s, &e);
+        } else if (type >= 0) {
+            inflight_add(s, &e, off, run, QC_INFLIGHT_ALLOC);
+            if (wait_alloc_conflicts(s, &e)) {
+                /* Someone changed this range meanwhile: look again. */
+                inflight_del(s, &e);
+                pthread_mutex_unlock(&s->lock);
+                continue;
+            }
+            ret = atomic_load(&s->corrupt) ? -EIO
+                                           : copy_alloc(s, src, src_off, off, run, flags);
+            inflight_del(s, &e);
+        } else {
+            ret = type;
+        }
+        pthread_mutex_unlock(&s->lock);
+        off += run;
+        src_off += run;
         bytes -= run;
     }
     return ret;

@@ -219,6 +219,10 @@ void qc_fill_default_feature_table(uint8_t **data, uint32_t *len);
 /* ---- qcow2-io.c ---- */
 int qc_preadv(LamNode *bs, int64_t off, int64_t bytes, LamIOV *qiov, int flags);
 int qc_pwritev(LamNode *bs, int64_t off, int64_t bytes, LamIOV *qiov, int flags);
+int qc_copy_range_from(LamNode *bs, LamChild *src, int64_t off, LamChild *dst,
+                       int64_t dst_off, int64_t bytes, int flags);
+int qc_copy_range_to(LamNode *bs, LamChild *src, int64_t src_off, LamChild *dst,
+                     int64_t off, int64_t bytes, int flags);
 int qc_pwrite_zeroes(LamNode *bs, int64_t off, int64_t bytes, int flags);
 int qc_pdiscard(LamNode *bs, int64_t off, int64_t bytes);
 int qc_block_status(LamNode *bs, int64_t off, int64_t bytes, int64_t *pnum,
