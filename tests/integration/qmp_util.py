@@ -227,14 +227,32 @@ class Daemon:
     def connect(self, negotiate=True, timeout=20):
         # The socket file appears at bind(), a moment before listen().
         deadline = time.monotonic() + timeout
+        attempts = 0
         while True:
             try:
-                c = QMPClient(self.sock, negotiate=negotiate)
+                c = QMPClient(self.sock, negotiate=False)
+                if negotiate:
+                    if self.flavor == "qsd":
+                        # QSD 7.2's socket monitor, connected to while it
+                        # is still setting up, can swallow the first
+                        # command under load: retry on a new connection.
+                        c.timeout = 5
+                        try:
+                            c.negotiate()
+                        finally:
+                            c.timeout = 30
+                    else:
+                        c.negotiate()
                 break
             except (ConnectionRefusedError, FileNotFoundError):
                 if time.monotonic() > deadline or self.proc.poll() is not None:
                     raise
                 time.sleep(0.005)
+            except TimeoutError:
+                attempts += 1
+                c.close()
+                if self.flavor != "qsd" or attempts >= 3 or self.proc.poll() is not None:
+                    raise
         self.clients.append(c)
         return c
 
