@@ -26,9 +26,11 @@ def raw_exchange(c, data, n):
     """Sends data, returns the next n messages (dicts) received."""
     c.send_raw(data)
     out = []
-    for _ in range(n):
+    while len(out) < n:
         m = c._read_msg(10)
         assert m is not None
+        if "QMP" in m:
+            continue  # QSD's monitor can repeat its greeting under load
         out.append(m)
     return out
 
