@@ -359,17 +359,25 @@ static int node_pwritev_rmw(LamNode *bs, int64_t off, int64_t bytes,
     return ret;
 }
 
-static int node_pwritev(LamNode *bs, int64_t off, int64_t bytes, LamIOV *qiov,
-                        int flags)
+/* Checks shared by the write-type entry points: <0 error, 0 nothing to
+ * do, 1 go on. */
+static int write_check(LamNode *bs, int64_t off, int64_t bytes)
 {
-    if (off < 0 || bytes < 0 || (size_t)bytes > qiov->size) {
+    if (off < 0 || bytes < 0) {
         return -EINVAL;
     }
     if (bs->read_only) {
         return -EPERM;
     }
-    if (bytes == 0) {
-        return 0;
+    return bytes > 0;
+}
+
+static int node_pwritev(LamNode *bs, int64_t off, int64_t bytes, LamIOV *qiov,
+                        int flags)
+{
+    int chk = (size_t)bytes > qiov->size ? -EINVAL : write_check(bs, off, bytes);
+    if (chk <= 0) {
+        return chk;
     }
     bool serialising = flags & LAM_REQ_SERIALISING;
     flags &= ~(LAM_REQ_SERIALISING | LAM_REQ_NO_SERIALISE_WAIT);
@@ -403,17 +411,14 @@ static int emulate_zeroes(LamNode *bs, int64_t off, int64_t bytes, int flags)
 static int node_pwrite_zeroes(LamNode *bs, int64_t off, int64_t bytes, int flags)
 {
     const LamDriver *drv = bs->drv;
-    if (off < 0 || bytes < 0) {
-        return -EINVAL;
-    }
-    if (bs->read_only) {
-        return -EPERM;
-    }
-    if (bytes == 0) {
-        return 0;
+    int chk = write_check(bs, off, bytes);
+    if (chk <= 0) {
+        return chk;
     }
     bool serialising = flags & LAM_REQ_SERIALISING;
     flags &= ~(LAM_REQ_SERIALISING | LAM_REQ_NO_SERIALISE_WAIT);
+    /* The pieces below keep the caller's serialisation. */
+    int sflags = flags | (serialising ? LAM_REQ_SERIALISING : 0);
     uint32_t a = bs->bl.request_alignment;
     /* Unaligned head and tail go through the write path (RMW). */
     if (a > 1 && !is_aligned(bs, off, bytes)) {
@@ -427,16 +432,13 @@ static int node_pwrite_zeroes(LamNode *bs, int64_t off, int64_t bytes, int flags
         }
         int ret = 0;
         if (head_end > off) {
-            ret = emulate_zeroes(bs, off, head_end - off,
-                                 flags | (serialising ? LAM_REQ_SERIALISING : 0));
+            ret = emulate_zeroes(bs, off, head_end - off, sflags);
         }
         if (ret >= 0 && tail_start > head_end) {
-            ret = node_pwrite_zeroes(bs, head_end, tail_start - head_end,
-                                     flags | (serialising ? LAM_REQ_SERIALISING : 0));
+            ret = node_pwrite_zeroes(bs, head_end, tail_start - head_end, sflags);
         }
         if (ret >= 0 && off + bytes > tail_start) {
-            ret = emulate_zeroes(bs, tail_start, off + bytes - tail_start,
-                                 flags | (serialising ? LAM_REQ_SERIALISING : 0));
+            ret = emulate_zeroes(bs, tail_start, off + bytes - tail_start, sflags);
         }
         return ret;
     }
@@ -458,8 +460,7 @@ static int node_pwrite_zeroes(LamNode *bs, int64_t off, int64_t bytes, int flags
         }
     }
     if (ret == -ENOTSUP && !(flags & LAM_REQ_NO_FALLBACK)) {
-        ret = emulate_zeroes(bs, off, bytes,
-                             flags | (serialising ? LAM_REQ_SERIALISING : 0));
+        ret = emulate_zeroes(bs, off, bytes, sflags);
     }
     return ret;
 }
@@ -471,11 +472,9 @@ int lam_node_flush(LamNode *bs)
 
 static int node_pdiscard(LamNode *bs, int64_t off, int64_t bytes)
 {
-    if (off < 0 || bytes < 0) {
-        return -EINVAL;
-    }
-    if (bs->read_only) {
-        return -EPERM;
+    int chk = write_check(bs, off, bytes);
+    if (chk <= 0) {
+        return chk;
     }
     const LamDriver *drv = bs->drv;
     int ret = 0;
