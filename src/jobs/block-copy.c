@@ -718,10 +718,8 @@ int lam_block_copy_run(LamBlockCopy *s, LamJob *job, int max_workers,
                 break;
             }
             /* ignore: the range is dirty again and is retried; stop: the
-             * job is now user-paused: pause before dispatching more. */
-            pthread_mutex_unlock(&s->lock);
-            lam_job_pause_point(job);
-            pthread_mutex_lock(&s->lock);
+             * job is now user-paused, and the check below pauses it once
+             * the other copies in flight have finished. */
         }
         /* The job lock is never taken with ours held. */
         pthread_mutex_unlock(&s->lock);

@@ -542,13 +542,14 @@ void lam_job_ratelimit(LamJob *job, uint64_t bytes)
     pthread_mutex_lock(&job_lock);
     int64_t delay = lam_ratelimit_account(&job->limit, bytes, lam_clock_ns());
     /* Re-check after every wake-up: the speed may have changed, a pause
-     * or cancel may be pending. */
-    while (delay > 0 && !job_is_cancelled_locked(job)) {
+     * or cancel may be pending (either ends the wait early). */
+    while (delay > 0 && !job_is_cancelled_locked(job) && job->pause_count == 0) {
         job_sleep_locked(job, delay);
-        job_pause_point_locked(job);
         delay = lam_ratelimit_account(&job->limit, 0, lam_clock_ns());
     }
-    job_pause_point_locked(job);
+    /* No pause point here: the caller may still have copies in flight,
+     * and a job reported paused must not progress.  The caller drains
+     * its workers and then pauses (the debt is paid after resume). */
     pthread_mutex_unlock(&job_lock);
 }
 

@@ -234,7 +234,9 @@ void lam_job_pause_point(LamJob *job);
  * pauses if requested.  ns < 0: until woken. */
 void lam_job_sleep_ns(LamJob *job, int64_t ns);
 /* Accounts `bytes` of background copying against the speed limit and
- * sleeps as long as the limit demands (interruptibly). */
+ * sleeps as long as the limit demands; a pending pause or cancel ends
+ * the wait early.  Never pauses itself: callers reach their own pause
+ * point once nothing of theirs is in flight. */
 void lam_job_ratelimit(LamJob *job, uint64_t bytes);
 /* running -> ready, BLOCK_JOB_READY. */
 void lam_job_transition_to_ready(LamJob *job);
