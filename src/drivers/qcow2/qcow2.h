@@ -117,9 +117,10 @@ typedef struct Qcow2State {
     int inflight_waiters;
     /* Bumped (under lock) before any L2 entry changes; read without the
      * lock by reads that fell through to the backing file, to learn that
-     * the mapping may have changed under them (driver.h "Pending writes"). */
+     * the mapping may have changed under them (driver.h "Backing
+     * fall-through reads"). */
     _Atomic uint64_t map_gen;
-    bool no_overlay, no_recheck; /* test switches, set at open */
+    bool no_recheck;           /* test switch, set at open */
 
     uint64_t incompat;         /* as on disk */
     _Atomic int64_t size;      /* virtual size (read without lock) */
