@@ -176,6 +176,9 @@ void qc_cache_mark_dirty(Qcow2Cache *c, uint8_t *table);
 /* Writes all dirty tables, honouring the flush order (L2 after refcounts
  * and a flush of the file). */
 int qc_cache_writeback(Qcow2State *s, Qcow2Cache *c);
+/* Same, each dirty entry written with FUA: durable without flushing the
+ * rest of the file (ordering points that need only the metadata). */
+int qc_cache_writeback_fua(Qcow2State *s, Qcow2Cache *c);
 /* Forgets the table at offset (its cluster was freed). */
 void qc_cache_discard(Qcow2Cache *c, uint64_t offset);
 void qc_cache_clear(Qcow2Cache *c);
