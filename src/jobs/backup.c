@@ -122,6 +122,9 @@ static void backup_free(LamJob *job)
         backup_clean(job);
     }
     if (b->own_target && b->target) {
+        /* Closing makes the drive-backup target durable, as QEMU's close
+         * does (the job itself does not flush). */
+        lam_node_flush_all(b->target);
         lam_node_unref(b->target);
     }
     b->target = NULL;
