@@ -102,7 +102,11 @@ static int64_t race(const char *dir, int round, int64_t off, int64_t len, int64_
     Reader r = { .edge = br, .off = off, .len = len, .buf = got };
     pthread_t t;
     pthread_create(&t, NULL, reader_main, &r);
-    usleep(100000);
+    /* Until the reader sleeps in the backing read (it has looked B up). */
+    LamNode *slow = lam_node_find("slowA");
+    for (int i = 0; i < 2000 && slow && atomic_load(&slow->in_flight) == 0; i++) {
+        usleep(1000);
+    }
     /* Copy-before-write copies the clusters [w0, w1) the guest is about
      * to write. */
     int ret = lam_co_pwrite(bw, w0, w1 - w0, old, 0);
