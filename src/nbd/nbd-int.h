@@ -6,7 +6,8 @@
  *   control thread: lam_nbd_* API (graph changes: root attach/detach)
  *   accept threads: one per listening socket; create connections
  *   connection threads: one per client: handshake, then reads requests
- *   pool workers: execute requests and send their replies
+ *     and serves those that need not wait (page-cache hits) itself
+ *   pool workers: execute the other requests and send their replies
  *
  * LOCK ORDER (outer to inner): nbd_srv.lock -> conn->lock -> conn->send_lock.
  * No lock is held across block-layer I/O.
@@ -79,6 +80,9 @@ typedef struct NbdReq {
 /* Requests up to this size are served by the connection thread when it
  * has nothing else buffered (it would only sleep in recv otherwise). */
 #define NBD_INLINE_MAX (64u * 1024)
+/* Most replies of requests served by the connection thread itself that
+ * wait to go out in one sendmsg (fewer make the client see them sooner). */
+#define NBD_BATCH_MAX 8
 /* A client that does not read its replies for this long is dropped, so
  * its requests stop holding pool workers. */
 #define NBD_SEND_TIMEOUT_S 30
@@ -89,6 +93,7 @@ struct NbdConn {
     NbdExport *exp;      /* set by GO/EXPORT_NAME; counted in exp->nconns */
     uint32_t max_conns;  /* server setting at accept time */
     uint32_t inline_max; /* largest READ/WRITE served by this thread itself */
+    int batch_max;       /* replies of served requests sent together */
 
     /* Negotiated state (connection thread only until transmission). */
     bool no_zeroes;
@@ -156,6 +161,7 @@ typedef struct NbdServer {
     unsigned handshake_ms;
     unsigned send_timeout_ms;
     uint32_t inline_max;
+    int batch_max;
 } NbdServer;
 
 extern NbdServer nbd_srv;
