@@ -5,9 +5,13 @@
  * backup jobs copy the rest in the background, snapshot-access reads it.
  *
  * Copies into a target whose backing chain holds the source (classic
- * fleecing: temp qcow2 backed by the live image) are serialising requests:
- * they wait for in-flight reads of the target that fall through to the
- * source, so such a read never returns data written after the snapshot.
+ * fleecing: temp qcow2 backed by the live image) must never let a read of
+ * the target that falls through to the source return data written after
+ * the snapshot.  With a qcow2 target the copy engine captures the old data
+ * in memory and writes it later, and the target's reads revalidate
+ * (driver.h "Pending writes"): the guest write waits only for the read of
+ * the old data.  Other targets get serialising writes, which wait for
+ * in-flight reads of the target.
  *
  * The per-write cost is bounded: a guest write copies only its own
  * clusters, synchronously, with a buffer of that size. */
@@ -176,10 +180,9 @@ static int cbw_open(LamNode *bs, json_t *opts, int flags, LamError **errp)
         return (int)cs;
     }
     int wflags = chain_contains(s->target->node, s->file->node) ? LAM_REQ_SERIALISING : 0;
-    /* Test-only switch: the fleecing stress test shows that reads of the
-     * target go wrong without serialisation (docs/jobs.md). */
-    const char *dbg = getenv("LAMINA_DEBUG_NO_CBW_SERIALISE");
-    if (dbg && *dbg == '1') {
+    /* Test-only switch: the fleecing stress tests show that reads of the
+     * target go wrong without the guard (docs/jobs.md). */
+    if (lam_debug_no_fleecing_guard()) {
         wflags &= ~LAM_REQ_SERIALISING;
     }
     s->bcs = lam_block_copy_new_gran(s->file, s->target, cs,

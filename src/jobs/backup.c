@@ -73,12 +73,10 @@ static int backup_run(LamJob *job, LamError **errp)
     if (ret == -ECANCELED) {
         return 0; /* the job layer turns a cancel into -ECANCELED */
     }
-    if (ret == 0) {
-        ret = lam_co_flush(lam_cbw_target(b->filter));
-        if (ret < 0) {
-            lam_error_setg_errno(errp, ret, "Could not flush the backup target");
-        }
-    }
+    /* No flush of the target here, as in QEMU: completion means every
+     * cluster reached the target node; durability comes with the target's
+     * flush or close (blockdev-del, quit), when its owner chooses to pay
+     * for it (docs/jobs.md "Durability"). */
     return ret;
 }
 

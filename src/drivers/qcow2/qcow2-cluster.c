@@ -169,6 +169,8 @@ int qc_write_l1_entry(Qcow2State *s, int64_t idx)
 
 int qc_get_l2_for_write(Qcow2State *s, int64_t off, uint8_t **table)
 {
+    /* Every L2 change goes through here: readers revalidate on a change. */
+    atomic_fetch_add(&s->map_gen, 1);
     int64_t l1_idx = off >> (s->cluster_bits + s->l2_bits);
     if (l1_idx >= s->l1_size) {
         return -EIO;

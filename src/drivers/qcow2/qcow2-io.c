@@ -173,6 +173,47 @@ static int read_old_cluster(Qcow2State *s, Qcow2ClusterType type, uint64_t entry
     }
 }
 
+/* A read that fell through to the backing file may have raced with a
+ * writer that put the old backing data into this image and then changed
+ * the backing file (classic fleecing).  Pending data first, then the
+ * mapping: the order is explained in driver.h "Pending writes". */
+static int revalidate_backing_read(LamNode *bs, int64_t off, int64_t run, LamIOV *qiov,
+                                   size_t pos, uint64_t gen)
+{
+    Qcow2State *s = bs->opaque;
+    if (!s->no_overlay) {
+        lam_node_pending_overlay(bs, off, run, qiov, pos);
+    }
+    if (s->no_recheck || atomic_load(&s->map_gen) == gen) {
+        return 0;
+    }
+    int64_t end = off + run;
+    while (off < end) {
+        int64_t r;
+        uint64_t entry;
+        pthread_mutex_lock(&s->lock);
+        int type = qc_lookup(s, off, end - off, &r, &entry);
+        pthread_mutex_unlock(&s->lock);
+        if (type < 0) {
+            return type;
+        }
+        if (type != QC_UNALLOC) {
+            /* Allocated since: its content is the old data, read it. */
+            LamIOV sub, *v = sub_iov(&sub, qiov, pos, r);
+            int ret = qc_preadv(bs, off, r, v, 0);
+            if (v == &sub) {
+                lam_iov_destroy(&sub);
+            }
+            if (ret < 0) {
+                return ret;
+            }
+        }
+        off += r;
+        pos += (size_t)r;
+    }
+    return 0;
+}
+
 int qc_preadv(LamNode *bs, int64_t off, int64_t bytes, LamIOV *qiov, int flags)
 {
     Qcow2State *s = bs->opaque;
@@ -184,6 +225,7 @@ int qc_preadv(LamNode *bs, int64_t off, int64_t bytes, LamIOV *qiov, int flags)
         uint64_t entry;
         Qcow2Inflight io;
         pthread_mutex_lock(&s->lock);
+        uint64_t gen = atomic_load(&s->map_gen);
         int type = qc_lookup(s, off, bytes, &run, &entry);
         if (type < 0) {
             pthread_mutex_unlock(&s->lock);
@@ -198,6 +240,9 @@ int qc_preadv(LamNode *bs, int64_t off, int64_t bytes, LamIOV *qiov, int flags)
         switch (type) {
         case QC_UNALLOC:
             ret = read_backing(s, off, run, qiov, pos);
+            if (ret == 0 && lam_node_backing(bs)) {
+                ret = revalidate_backing_read(bs, off, run, qiov, pos, gen);
+            }
             break;
         case QC_ZERO_PLAIN:
         case QC_ZERO_ALLOC:

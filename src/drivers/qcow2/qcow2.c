@@ -430,6 +430,8 @@ static int qcow2_open(LamNode *bs, json_t *opts, int flags, LamError **errp)
     }
     s->name = bs->filename ? bs->filename : "";
     s->read_only = !(flags & LAM_O_RDWR);
+    s->no_overlay = lam_debug_fleecing_skip("overlay");
+    s->no_recheck = lam_debug_fleecing_skip("recheck");
     int64_t file_len = lam_node_length(s->file->node);
     if (file_len < 0) {
         lam_error_setg_errno(errp, (int)file_len, "Could not get the size of the image file");
@@ -915,6 +917,7 @@ const LamDriver lam_drv_qcow2 = {
     .kind = LAM_DRV_FORMAT,
     .state_size = sizeof(Qcow2State),
     .supports_backing = true,
+    .revalidates_backing_reads = true,
     .supported_write_flags = LAM_REQ_WRITE_COMPRESSED,
     .supported_zero_flags = LAM_REQ_MAY_UNMAP | LAM_REQ_NO_FALLBACK,
     .option_names = qcow2_options,

@@ -115,6 +115,11 @@ typedef struct Qcow2State {
     Qcow2Inflight *inflight;
     uint64_t inflight_seq;
     int inflight_waiters;
+    /* Bumped (under lock) before any L2 entry changes; read without the
+     * lock by reads that fell through to the backing file, to learn that
+     * the mapping may have changed under them (driver.h "Pending writes"). */
+    _Atomic uint64_t map_gen;
+    bool no_overlay, no_recheck; /* test switches, set at open */
 
     uint64_t incompat;         /* as on disk */
     _Atomic int64_t size;      /* virtual size (read without lock) */

@@ -509,7 +509,7 @@ static int64_t classic_fleecing_run(bool serialise, int idx)
     LamNode *b = open_opts(json_pack("{s:s, s:s, s:s, s:s}", "driver", "testcow", "node-name",
                                      btop, "file", fn, "backing", an));
     if (!serialise) {
-        setenv("LAMINA_DEBUG_NO_CBW_SERIALISE", "1", 1);
+        setenv("LAMINA_DEBUG_NO_FLEECING_GUARD", "1", 1);
     }
     LamBackupParams p;
     lam_backup_params_init(&p);
@@ -517,7 +517,7 @@ static int64_t classic_fleecing_run(bool serialise, int idx)
     p.sync = LAM_SYNC_NONE;
     LamError *err = NULL;
     LamJob *job = lam_backup_start(a, b, &p, &err);
-    unsetenv("LAMINA_DEBUG_NO_CBW_SERIALISE");
+    unsetenv("LAMINA_DEBUG_NO_FLEECING_GUARD");
     if (!job) {
         printf("# %s\n", err->msg);
         return -1;
