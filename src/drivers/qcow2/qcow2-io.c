@@ -214,19 +214,58 @@ static int revalidate_backing_read(LamNode *bs, int64_t off, int64_t run, LamIOV
     return 0;
 }
 
+/* Whether a lookup of guest offset off can be answered without reading
+ * an L2 table from the file.  Lock held. */
+static bool l2_cached(Qcow2State *s, int64_t off)
+{
+    int64_t l1_idx = off >> (s->cluster_bits + s->l2_bits);
+    if (l1_idx >= s->l1_size) {
+        return true;
+    }
+    uint64_t l2_off = s->l1[l1_idx] & QCOW2_L1_OFFSET_MASK;
+    return !l2_off || qc_cache_has(s->l2_cache, l2_off);
+}
+
+/* The metadata lock for a lookup at off.  NOWAIT (nowait true): only if
+ * it is free and the lookup needs no I/O, else -EAGAIN with the lock not
+ * held. */
+static int lock_for_lookup(Qcow2State *s, int64_t off, bool nowait)
+{
+    if (!nowait) {
+        pthread_mutex_lock(&s->lock);
+        return 0;
+    }
+    if (pthread_mutex_trylock(&s->lock) != 0) {
+        return -EAGAIN;
+    }
+    if (!l2_cached(s, off)) {
+        pthread_mutex_unlock(&s->lock);
+        return -EAGAIN;
+    }
+    return 0;
+}
+
 int qc_preadv(LamNode *bs, int64_t off, int64_t bytes, LamIOV *qiov, int flags)
 {
     Qcow2State *s = bs->opaque;
     size_t pos = 0;
     uint8_t *cbuf = NULL;
     int ret = 0;
+    int nowait = flags & LAM_REQ_NOWAIT;
     while (bytes > 0) {
         int64_t run;
         uint64_t entry;
         Qcow2Inflight io;
-        pthread_mutex_lock(&s->lock);
+        ret = lock_for_lookup(s, off, nowait);
+        if (ret < 0) {
+            break;
+        }
         uint64_t gen = atomic_load(&s->map_gen);
         int type = qc_lookup(s, off, bytes, &run, &entry);
+        if (type >= 0 && nowait && type != QC_NORMAL && type != QC_ZERO_PLAIN &&
+            type != QC_ZERO_ALLOC && (type != QC_UNALLOC || lam_node_backing(bs))) {
+            type = -EAGAIN; /* backing file, decompression: may wait */
+        }
         if (type < 0) {
             pthread_mutex_unlock(&s->lock);
             ret = type;
@@ -252,7 +291,7 @@ int qc_preadv(LamNode *bs, int64_t off, int64_t bytes, LamIOV *qiov, int flags)
             LamIOV sub, *v = sub_iov(&sub, qiov, pos, run);
             ret = lam_co_preadv(s->file,
                                 (int64_t)(entry & QCOW2_L2_OFFSET_MASK) + (off & (s->cluster_size - 1)),
-                                run, v, 0);
+                                run, v, nowait);
             if (v == &sub) {
                 lam_iov_destroy(&sub);
             }
@@ -576,12 +615,23 @@ int qc_pwritev(LamNode *bs, int64_t off, int64_t bytes, LamIOV *qiov, int flags)
     }
     size_t pos = 0;
     int ret = 0;
+    int nowait = flags & LAM_REQ_NOWAIT;
     while (bytes > 0 && ret == 0) {
         int64_t run;
         uint64_t entry;
         Qcow2Inflight e;
-        pthread_mutex_lock(&s->lock);
+        ret = lock_for_lookup(s, off, nowait);
+        if (ret < 0) {
+            return ret;
+        }
         int type = qc_lookup(s, off, bytes, &run, &entry);
+        if (nowait && type >= 0 &&
+            !(type == QC_NORMAL && (entry & QCOW2_OFLAG_COPIED) && run == bytes)) {
+            /* Only an overwrite in place, in one piece: allocation waits
+             * for metadata I/O, and a retry must find nothing changed. */
+            pthread_mutex_unlock(&s->lock);
+            return -EAGAIN;
+        }
         const char *meta = NULL;
         if (type == QC_NORMAL && (entry & QCOW2_OFLAG_COPIED)) {
             meta = overlaps_metadata(s, (int64_t)(entry & QCOW2_L2_OFFSET_MASK),
@@ -599,7 +649,7 @@ int qc_pwritev(LamNode *bs, int64_t off, int64_t bytes, LamIOV *qiov, int flags)
             LamIOV sub, *v = sub_iov(&sub, qiov, pos, run);
             ret = lam_co_pwritev(s->file,
                                  (int64_t)(entry & QCOW2_L2_OFFSET_MASK) + (off & (s->cluster_size - 1)),
-                                 run, v, 0);
+                                 run, v, nowait);
             if (v == &sub) {
                 lam_iov_destroy(&sub);
             }

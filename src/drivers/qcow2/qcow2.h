@@ -171,6 +171,8 @@ void qc_cache_free(Qcow2Cache *c);
 int qc_cache_get(Qcow2State *s, Qcow2Cache *c, uint64_t offset, bool fresh,
                  uint8_t **table);
 void qc_cache_put(Qcow2Cache *c, uint8_t *table);
+/* Whether the table at offset is cached (a get would do no I/O). */
+bool qc_cache_has(Qcow2Cache *c, uint64_t offset);
 void qc_cache_mark_dirty(Qcow2Cache *c, uint8_t *table);
 /* Writes all dirty tables, honouring the flush order (L2 after refcounts
  * and a flush of the file). */
