@@ -74,23 +74,65 @@ static bool wait_alloc_conflicts(Qcow2State *s, Qcow2Inflight *e)
     }
 }
 
+/* ---- counted data I/O (I5) ----
+ * The hot paths (reads, in-place overwrites) don't put entries on the
+ * in-flight list: io_enter, under the lock right after the lookup, counts
+ * the I/O in the current phase; io_leave is one atomic.  A grace period
+ * flips the phase under the lock and waits for the old phase to drain:
+ * an I/O that looked up a mapping before the mapping changed entered
+ * before the flip, in the old phase.  Grace periods run one at a time;
+ * two overlapping ones would flip back into a phase the first still
+ * waits for. */
+
+static unsigned io_enter(Qcow2State *s)
+{
+    unsigned p = atomic_load(&s->io_phase) & 1;
+    atomic_fetch_add(&s->io_count[p], 1);
+    return p;
+}
+
+static void io_leave(Qcow2State *s, unsigned p)
+{
+    if (atomic_fetch_sub(&s->io_count[p], 1) == 1 &&
+        atomic_load(&s->io_waiters) > 0) {
+        /* The waiter holds the lock until it sleeps: taking it here
+         * orders this wake-up after its check. */
+        pthread_mutex_lock(&s->lock);
+        pthread_cond_broadcast(&s->inflight_cond);
+        pthread_mutex_unlock(&s->lock);
+    }
+}
+
+/* Waits (lock held, released while sleeping) until no data I/O that
+ * started before the call can still use a mapping of guest clusters
+ * [a, b): list entries (copy offload) older than seq and overlapping, and
+ * every counted I/O. */
 void qc_wait_grace(Qcow2State *s, int64_t a, int64_t b, uint64_t seq)
 {
     for (;;) {
-        bool busy = false;
-        for (Qcow2Inflight *x = s->inflight; x; x = x->next) {
+        bool busy = s->grace_busy;
+        for (Qcow2Inflight *x = s->inflight; x && !busy; x = x->next) {
             if (x->kind == QC_INFLIGHT_IO && x->seq < seq && overlaps(x, a, b)) {
                 busy = true;
-                break;
             }
         }
         if (!busy) {
-            return;
+            break;
         }
         s->inflight_waiters++;
         pthread_cond_wait(&s->inflight_cond, &s->lock);
         s->inflight_waiters--;
     }
+    s->grace_busy = true;
+    unsigned old = atomic_load(&s->io_phase) & 1;
+    atomic_store(&s->io_phase, old ^ 1);
+    atomic_fetch_add(&s->io_waiters, 1);
+    while (atomic_load(&s->io_count[old]) != 0) {
+        pthread_cond_wait(&s->inflight_cond, &s->lock);
+    }
+    atomic_fetch_sub(&s->io_waiters, 1);
+    s->grace_busy = false;
+    pthread_cond_broadcast(&s->inflight_cond);
 }
 
 /* The part [pos, pos+len) of qiov: qiov itself when that is all of it
@@ -255,7 +297,6 @@ int qc_preadv(LamNode *bs, int64_t off, int64_t bytes, LamIOV *qiov, int flags)
     while (bytes > 0) {
         int64_t run;
         uint64_t entry;
-        Qcow2Inflight io;
         ret = lock_for_lookup(s, off, nowait);
         if (ret < 0) {
             break;
@@ -272,9 +313,7 @@ int qc_preadv(LamNode *bs, int64_t off, int64_t bytes, LamIOV *qiov, int flags)
             break;
         }
         bool reg = type == QC_NORMAL || type == QC_COMPRESSED;
-        if (reg) {
-            inflight_add(s, &io, off, run, QC_INFLIGHT_IO);
-        }
+        unsigned phase = reg ? io_enter(s) : 0;
         pthread_mutex_unlock(&s->lock);
         switch (type) {
         case QC_UNALLOC:
@@ -309,9 +348,7 @@ int qc_preadv(LamNode *bs, int64_t off, int64_t bytes, LamIOV *qiov, int flags)
             break;
         }
         if (reg) {
-            pthread_mutex_lock(&s->lock);
-            inflight_del(s, &io);
-            pthread_mutex_unlock(&s->lock);
+            io_leave(s, phase);
         }
         if (ret < 0) {
             break;
@@ -644,7 +681,7 @@ int qc_pwritev(LamNode *bs, int64_t off, int64_t bytes, LamIOV *qiov, int flags)
             }
         }
         if (type == QC_NORMAL && (entry & QCOW2_OFLAG_COPIED)) {
-            inflight_add(s, &e, off, run, QC_INFLIGHT_IO);
+            unsigned phase = io_enter(s);
             pthread_mutex_unlock(&s->lock);
             LamIOV sub, *v = sub_iov(&sub, qiov, pos, run);
             ret = lam_co_pwritev(s->file,
@@ -653,8 +690,11 @@ int qc_pwritev(LamNode *bs, int64_t off, int64_t bytes, LamIOV *qiov, int flags)
             if (v == &sub) {
                 lam_iov_destroy(&sub);
             }
-            pthread_mutex_lock(&s->lock);
-            inflight_del(s, &e);
+            io_leave(s, phase);
+            off += run;
+            pos += (size_t)run;
+            bytes -= run;
+            continue;
         } else if (type >= 0) {
             inflight_add(s, &e, off, run, QC_INFLIGHT_ALLOC);
             if (wait_alloc_conflicts(s, &e)) {

@@ -4,14 +4,17 @@
  * driver serves page-cache hits and answers -EAGAIN for the rest; qcow2
  * serves cached mappings of normal and zero clusters and overwrites in
  * place, and answers -EAGAIN for everything else without changing
- * anything.  A concurrency case mixes NOWAIT readers (with the blocking
- * retry) and allocating writers on one qcow2 image (runs under TSan). */
+ * anything.  qcow2's counted read registration still makes a cluster
+ * free wait for reads of it (I5).  A concurrency case mixes NOWAIT
+ * readers (with the blocking retry) and allocating writers and discards
+ * on one qcow2 image (runs under TSan). */
 #include <errno.h>
 #include <fcntl.h>
 #include <pthread.h>
 #include <stdlib.h>
 #include <string.h>
 #include <sys/vfs.h>
+#include <time.h>
 #include <unistd.h>
 
 #include "memdrv.h"
@@ -321,6 +324,74 @@ static void test_qcow2(void)
     lam_node_unref(bs);
 }
 
+/* ---- grace period: a freed cluster is not reused under a read (I5) ---- */
+
+struct slow_read {
+    LamChild *c;
+    int64_t off;
+    uint8_t buf[4096];
+    int ret;
+};
+
+static void *slow_reader(void *p)
+{
+    struct slow_read *r = p;
+    r->ret = lam_co_pread(r->c, r->off, 4096, r->buf, 0);
+    return NULL;
+}
+
+static int64_t now_ms(void)
+{
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (int64_t)ts.tv_sec * 1000 + ts.tv_nsec / 1000000;
+}
+
+/* Reads are slowed down below qcow2 (blkdebug): a discard of the cluster
+ * being read must wait for the read before the host cluster is freed and
+ * reused by an allocating write, or the read would return the new data. */
+static void test_grace_waits_for_reads(void)
+{
+    char path[128], json[600];
+    snprintf(path, sizeof(path), "%s/grace.qcow2", tmpdir);
+    CHECK_EQ(create_qcow2(path, 1 << 20, NULL), 0);
+    snprintf(json, sizeof(json),
+             "{\"driver\":\"qcow2\",\"discard\":\"unmap\",\"file\":"
+             "{\"driver\":\"blkdebug\",\"x-read-delay-us\":300000,\"image\":"
+             "{\"driver\":\"file\",\"filename\":\"%s\"}}}", path);
+    LamNode *bs = open_json(json, LAM_O_RDWR);
+    CHECK(bs != NULL);
+    if (!bs) {
+        return;
+    }
+    LamChild *c = rw_root(bs);
+    uint8_t old[4096], neu[4096];
+    fill(old, sizeof(old), 5);
+    fill(neu, sizeof(neu), 6);
+    CHECK_EQ(lam_co_pwrite(c, 0, 4096, old, 0), 0);
+    int64_t pnum, map_old = -1, map_new = -2;
+    LamNode *file;
+    lam_co_block_status(c, 0, 4096, &pnum, &map_old, &file);
+
+    struct slow_read r = { .c = c, .off = 0 };
+    pthread_t th;
+    pthread_create(&th, NULL, slow_reader, &r);
+    usleep(100000); /* the read has looked up its mapping and sleeps */
+    int64_t t0 = now_ms();
+    CHECK_EQ(lam_co_pdiscard(c, 0, 4096), 0);
+    int64_t waited = now_ms() - t0;
+    CHECK_EQ(lam_co_pwrite(c, 65536, 4096, neu, 0), 0);
+    lam_co_block_status(c, 65536, 4096, &pnum, &map_new, &file);
+    pthread_join(th, NULL);
+    CHECK_EQ(r.ret, 0);
+    CHECK(memcmp(r.buf, old, 4096) == 0);
+    CHECK(waited >= 100);
+    /* Otherwise this test proves nothing. */
+    CHECK_EQ(map_new, map_old);
+    lam_root_detach(c);
+    lam_node_unref(bs);
+}
+
 /* ---- concurrency: NOWAIT readers vs. allocating writers ---- */
 
 #define CC_STABLE 64   /* clusters [0, 64) hold fixed data */
@@ -436,6 +507,7 @@ int main(void)
     RUN(test_serialising_conflict);
     RUN(test_file);
     RUN(test_qcow2);
+    RUN(test_grace_waits_for_reads);
     RUN(test_concurrency);
     char cmd[300];
     snprintf(cmd, sizeof(cmd), "rm -rf %s", tmpdir);
