@@ -23,7 +23,7 @@
  *  Qcow2State.lock (the metadata lock) protects L1, both caches, the
  *  refcount table, allocation state, the in-flight list and the header.
  *  Reads and overwrites of allocated clusters hold it only for the lookup;
- *  the data I/O runs unlocked, registered as an IO in-flight entry.
+ *  the data I/O runs unlocked, counted per grace phase (qcow2-io.c).
  *  Allocating writes register an ALLOC entry per guest cluster range;
  *  a later ALLOC overlapping it waits, so one guest cluster is never
  *  allocated twice.  Lock order: core locks -> s->lock; no other lock of
