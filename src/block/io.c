@@ -14,6 +14,10 @@
  * two read-modify-write cycles on one block can't lose each other's bytes;
  * copy-before-write into a fleecing image is serialising so that a reader
  * falling through to the live disk never sees newer data (seed 001).
+ *
+ * LAM_REQ_NOWAIT (block.h) is refused with -EAGAIN wherever this layer
+ * would wait or can't vouch for the driver: a driver that does not claim
+ * it, an overlapping serialising request, read-modify-write, FUA.
  */
 #include <errno.h>
 #include <pthread.h>
