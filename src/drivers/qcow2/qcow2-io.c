@@ -2,12 +2,15 @@
  * writes, discard, block status, metadata preallocation.
  *
  * The metadata lock is held for lookups and mapping changes only.  Data
- * I/O on an existing mapping runs unlocked and is registered as an IO
- * in-flight entry so that a cluster dropped from the mapping is not
- * released while that I/O may still touch it (I5).  Changes of the
- * mapping of a guest range (allocation, zeroing, discard, compressed
- * writes) register an ALLOC entry and wait for older overlapping ones, so
- * a guest cluster is never allocated twice. */
+ * I/O on an existing mapping runs unlocked and is counted (reads, in-place
+ * overwrites: io_enter) or registered as an IO in-flight entry (copy
+ * offload) so that a cluster dropped from the mapping is not released
+ * while that I/O may still touch it (I5).  Changes of the mapping of a
+ * guest range (allocation, zeroing, discard, compressed writes) register
+ * an ALLOC entry and wait for older overlapping ones, so a guest cluster
+ * is never allocated twice.  LAM_REQ_NOWAIT requests take the lock only if
+ * it is free and the L2 table cached, and serve only what needs no more
+ * (see qc_preadv, qc_pwritev). */
 #include <errno.h>
 #include <stdlib.h>
 #include <string.h>
