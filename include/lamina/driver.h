@@ -59,10 +59,9 @@ struct LamDriver {
     LamDriverKind kind;
     size_t state_size;           /* bs->opaque is calloc'ed with this size */
     bool supports_backing;       /* core opens "backing" after open() */
-    /* Reads that fall through to the backing file apply the node's
-     * pending writes and re-check the mapping afterwards (see "Pending
-     * writes" below): a writer may then announce a write, let the source
-     * change, and write later. */
+    /* Reads that fall through to the backing file re-check the node's
+     * mapping afterwards and re-read what was allocated meanwhile (see
+     * "Backing fall-through reads" below). */
     bool revalidates_backing_reads;
     uint32_t supported_write_flags; /* LAM_REQ_FUA / LAM_REQ_NOWAIT if the driver does it */
     uint32_t supported_read_flags;  /* LAM_REQ_NOWAIT if preadv honours it */
@@ -172,48 +171,25 @@ struct LamNode {
 
     struct LamNode *reg_next;  /* registry list */
     uint64_t serial;
-
-    /* Pending writes (see below); the list is protected by a global lock
-     * in src/block/pending.c, the count is read without it. */
-    struct LamPending *pending;
-    _Atomic int npending;
 };
 
-/* ---- Pending writes ----
- * Classic fleecing writes the old data of the source into a temp node B
- * whose backing file is the source.  Writing B synchronously makes every
- * first guest write to a cluster wait for an allocating write into B.
- * Instead the copier captures the old data in memory, announces it on B
- * (lam_node_pending_add), lets the guest write go on, and writes B later
- * (lam_node_pending_done once B's mapping shows it).  A read of B that
- * fell through to the backing file may have seen the new source data, so
- * drivers with revalidates_backing_reads, after such a read:
- *   1. copy the overlapping pending data over it (lam_node_pending_overlay),
- *   2. then re-check their mapping and re-read ranges that became
- *      allocated meanwhile.
- * The order matters: an entry is removed only after B's mapping changed,
- * so a write-back that completes between the two steps is seen by step 2,
- * and one that has not completed by step 1 is seen there.  No reader or
- * writer ever waits for the other. */
-typedef struct LamPending LamPending;
-/* Takes ownership of buf (malloc'ed, bytes long) unless it returns NULL:
- * over the memory limit (cap_bytes for this node), the caller writes
- * synchronously instead. */
-LamPending *lam_node_pending_add(LamNode *bs, int64_t off, int64_t bytes, void *buf,
-                                 int64_t cap_bytes);
-/* The data is now readable from the node itself: drop the entry. */
-void lam_node_pending_done(LamNode *bs, LamPending *p);
-const void *lam_pending_buf(const LamPending *p);
-/* Copies the pending data overlapping [off, off+bytes) into qiov at
- * qoff + (its offset - off).  Cheap when nothing is pending. */
-void lam_node_pending_overlay(LamNode *bs, int64_t off, int64_t bytes, LamIOV *qiov,
-                              size_t qoff);
-/* Test switches, so that the fleecing stress tests can show they catch
- * the race: LAMINA_DEBUG_NO_FLEECING_GUARD=1 turns off both steps, the
- * deferred write-back and copy-before-write's serialising writes;
- * =overlay or =recheck only that step. */
+/* ---- Backing fall-through reads ----
+ * Classic fleecing: copy-before-write writes the old data of the source
+ * into a temp node B whose backing file is the source, then lets the guest
+ * write change the source.  A read of B that found a cluster unallocated
+ * and reads it from the backing file may see that new data.  QEMU makes
+ * the copy wait for such reads (serialising requests): the guest write
+ * then waits for whole backup-tool reads.  A driver with
+ * revalidates_backing_reads instead notes a mapping generation before the
+ * backing read and, if it changed by the end, looks the range up again and
+ * re-reads what became allocated: the copy into B precedes the guest
+ * write, so new data in the backing read implies a changed mapping.
+ * Nobody waits. */
+/* Test switch: LAMINA_DEBUG_NO_FLEECING_GUARD=1 turns off the re-check and
+ * copy-before-write's serialising writes, so that the fleecing stress tests
+ * can show they catch the race. */
 bool lam_debug_no_fleecing_guard(void);
-bool lam_debug_fleecing_skip(const char *step);
+
 
 /* Opens (or looks up, for a string reference) the child `name` given in
  * opts and attaches it to parent with the default permissions for its

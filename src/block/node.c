@@ -791,3 +791,9 @@ int lam_node_change_backing_file(LamNode *bs, const char *file, const char *fmt,
     }
     return ret;
 }
+
+bool lam_debug_no_fleecing_guard(void)
+{
+    const char *v = getenv("LAMINA_DEBUG_NO_FLEECING_GUARD");
+    return v && strcmp(v, "1") == 0;
+}

@@ -7,11 +7,10 @@
  * Copies into a target whose backing chain holds the source (classic
  * fleecing: temp qcow2 backed by the live image) must never let a read of
  * the target that falls through to the source return data written after
- * the snapshot.  With a qcow2 target the copy engine captures the old data
- * in memory and writes it later, and the target's reads revalidate
- * (driver.h "Pending writes"): the guest write waits only for the read of
- * the old data.  Other targets get serialising writes, which wait for
- * in-flight reads of the target.
+ * the snapshot.  A qcow2 target re-checks such reads itself (driver.h
+ * "Backing fall-through reads"), so the copy never waits for readers;
+ * other targets get serialising writes, which wait for in-flight reads of
+ * the target.
  *
  * The per-write cost is bounded: a guest write copies only its own
  * clusters, synchronously, with a buffer of that size. */
@@ -111,9 +110,8 @@ static int64_t target_cluster_size(LamNode *target, int64_t min, LamError **errp
  * reads as zeroes until the background copy or a later write fills it),
  * so only the written range needs copying.  A target with a backing file
  * keeps whole clusters: its driver would fill the rest of a new cluster
- * from the backing file anyway, and classic fleecing (target backed by
- * the source) relies on serialised whole-cluster copies.  An explicit
- * min-cluster-size is honoured as the unit. */
+ * from the backing file anyway.  An explicit min-cluster-size is honoured
+ * as the unit. */
 static int64_t cbw_granularity(CbwState *s, int64_t cs, int64_t min_cluster, int wflags)
 {
     int64_t gran = CBW_FINE_GRANULARITY;
@@ -179,7 +177,12 @@ static int cbw_open(LamNode *bs, json_t *opts, int flags, LamError **errp)
     if (cs < 0) {
         return (int)cs;
     }
-    int wflags = chain_contains(s->target->node, s->file->node) ? LAM_REQ_SERIALISING : 0;
+    /* Classic fleecing (the target's backing chain holds the source): a
+     * qcow2 target re-checks its reads that fall through to the source,
+     * other targets need serialising copies (driver.h "Backing
+     * fall-through reads"). */
+    int wflags = chain_contains(s->target->node, s->file->node) &&
+                 !s->target->node->drv->revalidates_backing_reads ? LAM_REQ_SERIALISING : 0;
     /* Test-only switch: the fleecing stress tests show that reads of the
      * target go wrong without the guard (docs/jobs.md). */
     if (lam_debug_no_fleecing_guard()) {

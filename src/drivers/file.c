@@ -24,6 +24,7 @@ typedef struct FileState {
     bool no_zero_range;  /* fallocate ZERO_RANGE unsupported here */
     bool no_seek_hole;
     bool is_blockdev;
+    _Atomic bool no_rwf_dsync; /* pwritev2(RWF_DSYNC) refused: FUA = write + flush */
     /* RWF_NOWAIT reads are refused by this kernel or file system: don't
      * try again.  Atomic: any request thread may set it. */
     _Atomic bool no_nowait;
@@ -161,7 +162,8 @@ static bool iov_aligned(LamNode *bs, LamIOV *qiov)
 }
 
 /* Loops over short transfers; a short read at EOF zero-fills. */
-static int do_rw(LamNode *bs, int64_t off, int64_t bytes, LamIOV *qiov, bool write)
+/* rwf: RWF_* flags of preadv2/pwritev2 (RWF_DSYNC for FUA writes). */
+static int do_rw(LamNode *bs, int64_t off, int64_t bytes, LamIOV *qiov, bool write, int rwf)
 {
     FileState *s = bs->opaque;
     if (s->direct && !iov_aligned(bs, qiov)) {
@@ -174,7 +176,7 @@ static int do_rw(LamNode *bs, int64_t off, int64_t bytes, LamIOV *qiov, bool wri
         if (write) {
             lam_iov_to_buf(qiov, 0, buf, (size_t)bytes);
         }
-        int ret = do_rw(bs, off, bytes, &b, write);
+        int ret = do_rw(bs, off, bytes, &b, write, rwf);
         if (!write && ret == 0) {
             lam_iov_from_buf(qiov, 0, buf, (size_t)bytes);
         }
@@ -187,8 +189,8 @@ static int do_rw(LamNode *bs, int64_t off, int64_t bytes, LamIOV *qiov, bool wri
     if (qiov->niov <= IOV_MAX && (int64_t)qiov->size == bytes) {
         ssize_t n;
         do {
-            n = write ? pwritev(s->fd, qiov->iov, qiov->niov, off)
-                      : preadv(s->fd, qiov->iov, qiov->niov, off);
+            n = write ? pwritev2(s->fd, qiov->iov, qiov->niov, off, rwf)
+                      : preadv2(s->fd, qiov->iov, qiov->niov, off, rwf);
         } while (n < 0 && errno == EINTR);
         if (n < 0) {
             return -errno;
@@ -200,8 +202,8 @@ static int do_rw(LamNode *bs, int64_t off, int64_t bytes, LamIOV *qiov, bool wri
         lam_iov_init(&rest, qiov->niov);
         lam_iov_concat(&rest, qiov, (size_t)done, (size_t)(bytes - done));
         int cnt = rest.niov > IOV_MAX ? IOV_MAX : rest.niov;
-        ssize_t n = write ? pwritev(s->fd, rest.iov, cnt, off + done)
-                          : preadv(s->fd, rest.iov, cnt, off + done);
+        ssize_t n = write ? pwritev2(s->fd, rest.iov, cnt, off + done, rwf)
+                          : preadv2(s->fd, rest.iov, cnt, off + done, rwf);
         int err = errno;
         lam_iov_destroy(&rest);
         if (n < 0) {
@@ -250,7 +252,7 @@ static int file_preadv(LamNode *bs, int64_t off, int64_t bytes, LamIOV *qiov, in
     if (flags & LAM_REQ_NOWAIT) {
         return read_nowait(bs->opaque, off, bytes, qiov);
     }
-    return do_rw(bs, off, bytes, qiov, false);
+    return do_rw(bs, off, bytes, qiov, false, 0);
 }
 
 static int file_flush(LamNode *bs)
@@ -270,11 +272,21 @@ static int file_pwritev(LamNode *bs, int64_t off, int64_t bytes, LamIOV *qiov, i
         (s->direct || (flags & LAM_REQ_FUA) || ((off | bytes) & s->page_mask))) {
         return -EAGAIN;
     }
-    int ret = do_rw(bs, off, bytes, qiov, true);
-    if (ret == 0) {
-        size_at_least(bs->opaque, off + bytes);
+    /* FUA: RWF_DSYNC makes just this range (and the file size) durable;
+     * a flush would also write out every other dirty page of the file,
+     * which is what made qcow2's metadata ordering cost a backup job a
+     * third of its time. */
+    bool dsync = (flags & LAM_REQ_FUA) && !atomic_load(&s->no_rwf_dsync);
+    int ret = do_rw(bs, off, bytes, qiov, true, dsync ? RWF_DSYNC : 0);
+    if (dsync && (ret == -EOPNOTSUPP || ret == -EINVAL)) {
+        atomic_store(&s->no_rwf_dsync, true); /* an old kernel: write + flush */
+        dsync = false;
+        ret = do_rw(bs, off, bytes, qiov, true, 0);
     }
-    if (ret == 0 && (flags & LAM_REQ_FUA)) {
+    if (ret == 0) {
+        size_at_least(s, off + bytes);
+    }
+    if (ret == 0 && (flags & LAM_REQ_FUA) && !dsync) {
         ret = file_flush(bs);
     }
     return ret;

@@ -122,6 +122,9 @@ static void backup_free(LamJob *job)
         backup_clean(job);
     }
     if (b->own_target && b->target) {
+        /* Closing makes the drive-backup target durable, as QEMU's close
+         * does (the job itself does not flush). */
+        lam_node_flush_all(b->target);
         lam_node_unref(b->target);
     }
     b->target = NULL;
@@ -282,8 +285,8 @@ LamJob *lam_backup_start(LamNode *source, LamNode *target, const LamBackupParams
     snprintf(user, sizeof(user), "backup job '%s'", p->job_id ? p->job_id : "");
     b->job_root_filter = lam_root_attach(b->filter, user, 0, LAM_PERM_ALL, NULL);
     b->job_root_target = lam_root_attach(target, user, 0, LAM_PERM_ALL, NULL);
+    lam_job_start_drained(&b->common);
     lam_drain_end();
-    lam_job_start(&b->common);
     return &b->common;
 
 fail:

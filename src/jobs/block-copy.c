@@ -13,9 +13,6 @@
 /* Requests in flight are threads here: more than this only adds context
  * switches on the machines we target. */
 #define MAX_WORKERS 16
-/* Old data held in memory for deferred write-back, for all nodes
- * together; beyond it copy-before-write writes synchronously. */
-#define PENDING_CAP (64 << 20)
 
 typedef struct CopyTask {
     int64_t off, bytes;
@@ -26,13 +23,6 @@ typedef struct FrozenRead {
     int64_t off, bytes;
     struct FrozenRead *next;
 } FrozenRead;
-
-/* Old data captured by copy-before-write, waiting to be written. */
-typedef struct Deferred {
-    LamPending *p;
-    int64_t off, bytes;
-    struct Deferred *next;
-} Deferred;
 
 /* A chunk handed from the job thread to a worker. */
 typedef struct WorkItem {
@@ -79,17 +69,6 @@ struct LamBlockCopy {
     bool bsc_zero;            /* ... zero (true) or data (false) */
     int bg_err;           /* first unhandled background error */
     bool bg_err_is_read;
-
-    /* Deferred write-back (classic fleecing, see lam_block_copy_cbw): the
-     * queue and flags are protected by lock; wb_cond is signalled when
-     * an item is queued or the writer must stop. */
-    bool defer;              /* fixed at creation */
-    int64_t pending_cap;     /* PENDING_CAP; tests lower it */
-    bool wb_running, wb_stop;
-    pthread_t wb_thread;
-    pthread_cond_t wb_cond;
-    Deferred *wb_head, **wb_tail;
-    Deferred *wb_failed;     /* kept in memory: the write failed */
 };
 
 static bool overlap(int64_t a, int64_t alen, int64_t b, int64_t blen)
@@ -155,39 +134,7 @@ LamBlockCopy *lam_block_copy_new_gran(LamChild *source, LamChild *target,
     pthread_mutex_init(&s->lock, NULL);
     pthread_cond_init(&s->cond, NULL);
     pthread_cond_init(&s->work_cond, NULL);
-    pthread_cond_init(&s->wb_cond, NULL);
-    s->wb_tail = &s->wb_head;
-    /* Deferred write-back needs a target whose reads apply pending data
-     * (driver.h "Pending writes"); the serialising flag says its backing
-     * chain holds the source. */
-    s->defer = (write_flags & LAM_REQ_SERIALISING) &&
-               target->node->drv->revalidates_backing_reads &&
-               !lam_debug_no_fleecing_guard();
-    const char *cap = getenv("LAMINA_DEBUG_PENDING_CAP");
-    s->pending_cap = cap ? strtoll(cap, NULL, 0) : PENDING_CAP;
     return s;
-}
-
-static void *writeback_main(void *opaque);
-
-/* Writes the deferred copies still queued, stops the writer and drops the
- * data of failed ones (the snapshot ends with the engine). */
-static void writeback_stop(LamBlockCopy *s)
-{
-    pthread_mutex_lock(&s->lock);
-    bool running = s->wb_running;
-    s->wb_stop = true;
-    pthread_cond_broadcast(&s->wb_cond);
-    pthread_mutex_unlock(&s->lock);
-    if (running) {
-        pthread_join(s->wb_thread, NULL);
-    }
-    while (s->wb_failed) {
-        Deferred *d = s->wb_failed;
-        s->wb_failed = d->next;
-        lam_node_pending_done(s->target->node, d->p);
-        free(d);
-    }
 }
 
 void lam_block_copy_free(LamBlockCopy *s)
@@ -195,13 +142,11 @@ void lam_block_copy_free(LamBlockCopy *s)
     if (!s) {
         return;
     }
-    writeback_stop(s);
     lam_bitmap_free(s->bitmap);
     lam_bitmap_free(s->access);
     pthread_mutex_destroy(&s->lock);
     pthread_cond_destroy(&s->cond);
     pthread_cond_destroy(&s->work_cond);
-    pthread_cond_destroy(&s->wb_cond);
     free(s);
 }
 
@@ -483,109 +428,6 @@ static bool frozen_overlaps_locked(LamBlockCopy *s, int64_t off, int64_t bytes)
     return false;
 }
 
-/* ---- deferred write-back ---- */
-
-/* The old data as the target should store it: zeroes stay sparse.  An
- * unmap would expose the backing file (the live source), so never. */
-static int write_captured(LamBlockCopy *s, int64_t off, int64_t bytes, const void *buf)
-{
-    int flags = s->write_flags & ~LAM_REQ_SERIALISING;
-    if (lam_buf_is_zero(buf, (size_t)bytes)) {
-        return lam_co_pwrite_zeroes(s->target, off, bytes, 0);
-    }
-    return lam_co_pwrite(s->target, off, bytes, buf, flags);
-}
-
-static void *writeback_main(void *opaque)
-{
-    LamBlockCopy *s = opaque;
-    pthread_mutex_lock(&s->lock);
-    for (;;) {
-        Deferred *d = s->wb_head;
-        if (!d) {
-            if (s->wb_stop) {
-                break;
-            }
-            pthread_cond_wait(&s->wb_cond, &s->lock);
-            continue;
-        }
-        s->wb_head = d->next;
-        if (!s->wb_head) {
-            s->wb_tail = &s->wb_head;
-        }
-        pthread_mutex_unlock(&s->lock);
-        int ret = write_captured(s, d->off, d->bytes, lam_pending_buf(d->p));
-        if (ret == 0) {
-            /* Only now: the target's mapping shows the data. */
-            lam_node_pending_done(s->target->node, d->p);
-            free(d);
-            pthread_mutex_lock(&s->lock);
-            continue;
-        }
-        /* The guest write went on long ago; the snapshot keeps the old
-         * data in memory and reads keep seeing it. */
-        lam_warn("copy-before-write: could not write %lld bytes at %lld to '%s' (%s); "
-                 "keeping the old data in memory",
-                 (long long)d->bytes, (long long)d->off, lam_node_name(s->target->node),
-                 strerror(-ret));
-        pthread_mutex_lock(&s->lock);
-        d->next = s->wb_failed;
-        s->wb_failed = d;
-    }
-    pthread_mutex_unlock(&s->lock);
-    return NULL;
-}
-
-/* Classic fleecing: instead of writing the old data into the target
- * before the guest write may go on (an allocating write, tens of
- * microseconds), read it into memory, announce it on the target and
- * write it from a background thread.  Reads of the target see it at once
- * (driver.h "Pending writes").  Over the memory cap: synchronous.  Takes
- * *bufp when the data is queued. */
-static int capture(LamBlockCopy *s, int64_t off, int64_t bytes, void **bufp)
-{
-    int ret = lam_co_pread(s->source, off, bytes, *bufp, 0);
-    if (ret < 0) {
-        return ret;
-    }
-    Deferred *d = malloc(sizeof(*d));
-    LamPending *p = d ? lam_node_pending_add(s->target->node, off, bytes, *bufp,
-                                             s->pending_cap) : NULL;
-    if (!p) {
-        free(d);
-        return write_captured(s, off, bytes, *bufp);
-    }
-    *bufp = NULL;
-    d->p = p;
-    d->off = off;
-    d->bytes = bytes;
-    d->next = NULL;
-    pthread_mutex_lock(&s->lock);
-    if (!s->wb_running && !s->wb_stop) {
-        s->wb_running = pthread_create(&s->wb_thread, NULL, writeback_main, s) == 0;
-    }
-    if (!s->wb_running) {
-        pthread_mutex_unlock(&s->lock);
-        /* No writer thread: write it here and drop the entry. */
-        ret = write_captured(s, off, bytes, lam_pending_buf(p));
-        if (ret == 0) {
-            lam_node_pending_done(s->target->node, p);
-            free(d);
-            return 0;
-        }
-        pthread_mutex_lock(&s->lock);
-        d->next = s->wb_failed;
-        s->wb_failed = d;
-        pthread_mutex_unlock(&s->lock);
-        return 0; /* captured: the snapshot holds it in memory */
-    }
-    *s->wb_tail = d;
-    s->wb_tail = &d->next;
-    pthread_cond_signal(&s->wb_cond);
-    pthread_mutex_unlock(&s->lock);
-    return 0;
-}
-
 /* ---- copy-before-write ---- */
 
 int lam_block_copy_cbw(LamBlockCopy *s, int64_t off, int64_t bytes)
@@ -612,13 +454,7 @@ int lam_block_copy_cbw(LamBlockCopy *s, int64_t off, int64_t bytes)
             pthread_mutex_unlock(&s->lock);
             bool is_read;
             void *buf = alloc_buf(s, t.bytes);
-            if (!buf) {
-                ret = -ENOMEM;
-            } else if (s->defer && !(s->write_flags & LAM_REQ_WRITE_COMPRESSED)) {
-                ret = capture(s, t.off, t.bytes, &buf);
-            } else {
-                ret = do_copy(s, t.off, t.bytes, buf, &is_read, false);
-            }
+            ret = buf ? do_copy(s, t.off, t.bytes, buf, &is_read, false) : -ENOMEM;
             free(buf);
             pthread_mutex_lock(&s->lock);
             task_end_locked(s, &t, ret);

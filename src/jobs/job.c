@@ -369,13 +369,19 @@ static void *job_thread_main(void *opaque)
     return NULL;
 }
 
-void lam_job_start(LamJob *job)
+static void job_start(LamJob *job, bool drained)
 {
     pthread_mutex_lock(&job_lock);
     assert(job->status == LAM_JOB_STATUS_CREATED && !job->started);
     job->started = true;
     job->busy = true;
-    job->pause_count--;
+    if (drained) {
+        /* The creation pause becomes the caller's drain: lam_drain_end()
+         * resumes it. */
+        job->drain_paused = true;
+    } else {
+        job->pause_count--;
+    }
     job->start_ns = lam_clock_ns();
     job_transition_locked(job, LAM_JOB_STATUS_RUNNING);
     job->refcnt++; /* held by the thread until it is joined */
@@ -390,7 +396,23 @@ void lam_job_start(LamJob *job)
         return;
     }
     job->thread_started = true;
+    /* QEMU starts these jobs inside a drained section: clients see
+     * running, paused, running before the reply.  Wait for the pause so
+     * the sequence does not depend on thread scheduling. */
+    while (drained && !job->paused && !job->run_done) {
+        pthread_cond_wait(&job_status_cond, &job_lock);
+    }
     pthread_mutex_unlock(&job_lock);
+}
+
+void lam_job_start(LamJob *job)
+{
+    job_start(job, false);
+}
+
+void lam_job_start_drained(LamJob *job)
+{
+    job_start(job, true);
 }
 
 bool lam_job_is_cancelled(LamJob *job)
@@ -483,6 +505,7 @@ void job_pause_point_locked(LamJob *job)
         return;
     }
     LamJobStatus prev = job->status;
+    job->pause_prev = prev;
     job_transition_locked(job, prev == LAM_JOB_STATUS_READY ? LAM_JOB_STATUS_STANDBY
                                                             : LAM_JOB_STATUS_PAUSED);
     job->paused = true;
@@ -493,9 +516,11 @@ void job_pause_point_locked(LamJob *job)
         pthread_cond_wait(&job->cond, &job_lock);
     }
     job->paused_ns += lam_clock_ns() - job->pause_start_ns;
-    job->paused = false;
+    if (job->paused) { /* job_resume_locked normally did this */
+        job->paused = false;
+        job_transition_locked(job, prev);
+    }
     job->busy = true;
-    job_transition_locked(job, prev);
 }
 
 void lam_job_pause_point(LamJob *job)
@@ -1075,6 +1100,13 @@ static void job_resume_locked(LamJob *job)
     assert(job->pause_count > 0);
     job->pause_count--;
     if (job->pause_count == 0) {
+        if (job->paused) {
+            /* The resumer reports the status change, so it comes before
+             * the reply of the command (or drain) that resumed, as in
+             * QEMU; the job thread wakes up later. */
+            job->paused = false;
+            job_transition_locked(job, job->pause_prev);
+        }
         job_kick_locked(job);
     }
 }

@@ -121,6 +121,7 @@ struct LamJob {
     LamJobStatus status;
     int pause_count;          /* > 0: should pause at the next pause point */
     bool paused;              /* sleeping at a pause point */
+    LamJobStatus pause_prev;  /* status to return to when resumed */
     bool user_paused;
     bool cancelled;
     bool force_cancel;
@@ -180,6 +181,10 @@ void lam_job_txn_unref(LamJobTxn *txn);
 void lam_job_early_fail(LamJob *job);
 /* created -> running; starts the job thread. */
 void lam_job_start(LamJob *job);
+/* Same, inside the caller's drained section: the job pauses at once
+ * (running, paused) and lam_drain_end() resumes it (running), the
+ * sequence QEMU's clients see for jobs started in a transaction. */
+void lam_job_start_drained(LamJob *job);
 
 LamJob *lam_job_find(const char *id);
 /* Iterates the job list (job_lock is taken and released inside). */

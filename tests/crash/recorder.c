@@ -244,24 +244,18 @@ static int rec_pwritev(LamNode *bs, int64_t off, int64_t bytes, LamIOV *qiov,
         return -ENOMEM;
     }
     lam_iov_to_buf(qiov, 0, e.data, (size_t)bytes);
-    int ret = record(r, &e);
-    if (ret == 0 && (flags & LAM_REQ_FUA)) {
-        CrashEntry f = { .type = CR_FLUSH };
-        ret = record(r, &f);
-    }
-    return ret;
+    /* FUA as the file driver does it (RWF_DSYNC): this write is durable
+     * when it returns, earlier unflushed writes are not. */
+    e.fua = (flags & LAM_REQ_FUA) != 0;
+    return record(r, &e);
 }
 
 static int rec_pwrite_zeroes(LamNode *bs, int64_t off, int64_t bytes, int flags)
 {
     CrashRec *r = ((RecState *)bs->opaque)->rec;
-    CrashEntry e = { .type = CR_ZERO, .off = off, .len = bytes };
-    int ret = record(r, &e);
-    if (ret == 0 && (flags & LAM_REQ_FUA)) {
-        CrashEntry f = { .type = CR_FLUSH };
-        ret = record(r, &f);
-    }
-    return ret;
+    CrashEntry e = { .type = CR_ZERO, .off = off, .len = bytes,
+                     .fua = (flags & LAM_REQ_FUA) != 0 };
+    return record(r, &e);
 }
 
 static int rec_pdiscard(LamNode *bs, int64_t off, int64_t bytes)

@@ -16,6 +16,7 @@
 
 #include <pthread.h>
 #include <stdatomic.h>
+#include <stdbool.h>
 #include <stddef.h>
 #include <stdint.h>
 
@@ -33,6 +34,7 @@ typedef struct CrashEntry {
     int64_t len;
     uint8_t *data;     /* CR_WRITE only (owned) */
     int guest_op;      /* workload op running when this entry was logged */
+    bool fua;          /* durable once logged, without making others durable */
 } CrashEntry;
 
 typedef struct CrashRec {

@@ -94,6 +94,35 @@ static long pick_flushed(const Replay *r, size_t barrier, Rng *rng)
     return -1;
 }
 
+/* Applies bytes [from, to) of entry idx except those a FUA write logged
+ * after it (index in [start, pos)) covers: that write had returned, so
+ * the disk holds its data or something newer, never the older entry's,
+ * whatever order the unflushed entries are applied in. */
+static int apply_visible(Replay *r, size_t idx, size_t start, size_t pos, int64_t from,
+                         int64_t to)
+{
+    const CrashEntry *e = &r->log[idx];
+    for (size_t k = start; k < pos && from < to; k++) {
+        const CrashEntry *f = &r->log[k];
+        if (!f->fua || (f->type != CR_WRITE && f->type != CR_ZERO)) {
+            continue;
+        }
+        int64_t a = f->off - e->off, b = a + f->len;
+        if (b <= from || a >= to) {
+            continue;
+        }
+        int ret = 0;
+        if (a > from) {
+            ret = apply_visible(r, idx, k + 1, pos, from, a);
+        }
+        if (ret == 0 && b < to) {
+            ret = apply_visible(r, idx, k + 1, pos, b, to);
+        }
+        return ret;
+    }
+    return from < to ? crash_apply_part(e, from, to, &r->img, &r->img_len, &r->img_cap) : 0;
+}
+
 int replay_build(Replay *r, Cut *c, uint64_t seed, CheatMode cheat)
 {
     Rng rng;
@@ -133,7 +162,7 @@ int replay_build(Replay *r, Cut *c, uint64_t seed, CheatMode cheat)
 
     if (c->drop_only >= 0) {
         for (size_t i = c->barrier; i < c->pos && ret == 0; i++) {
-            if ((long)i == c->drop_only) {
+            if ((long)i == c->drop_only && !r->log[i].fua) {
                 c->dropped++;
             } else if (modifies(&r->log[i])) {
                 c->kept++;
@@ -160,7 +189,8 @@ int replay_build(Replay *r, Cut *c, uint64_t seed, CheatMode cheat)
         if (!modifies(&r->log[i])) {
             continue;
         }
-        if (rng_below(&rng, 100) < keep_pct) {
+        /* A FUA write logged before the cut had returned: on disk. */
+        if (r->log[i].fua || rng_below(&rng, 100) < keep_pct) {
             order[nk++] = i;
         } else {
             c->dropped++;
@@ -175,10 +205,11 @@ int replay_build(Replay *r, Cut *c, uint64_t seed, CheatMode cheat)
     for (size_t k = 0; k < nk && ret == 0; k++) {
         const CrashEntry *e = &r->log[order[k]];
         c->kept++;
-        bool tearable = e->type == CR_WRITE || e->type == CR_ZERO ||
-                        e->type == CR_DISCARD;
+        bool data = e->type == CR_WRITE || e->type == CR_ZERO || e->type == CR_DISCARD;
+        bool tearable = data && !e->fua;
         if (!tearable || rng_below(&rng, 4) != 0) {
-            ret = crash_apply(e, &r->img, &r->img_len, &r->img_cap);
+            ret = data ? apply_visible(r, order[k], order[k] + 1, c->pos, 0, e->len)
+                       : crash_apply(e, &r->img, &r->img_len, &r->img_cap);
             continue;
         }
         /* Torn: only some of its sectors reached the disk. */
@@ -191,8 +222,7 @@ int replay_build(Replay *r, Cut *c, uint64_t seed, CheatMode cheat)
                 to = e->len;
             }
             if (rng_below(&rng, 2)) {
-                ret = crash_apply_part(e, from, to, &r->img, &r->img_len,
-                                       &r->img_cap);
+                ret = apply_visible(r, order[k], order[k] + 1, c->pos, from, to);
             }
             from = to;
         }

@@ -276,3 +276,27 @@ def test_quit_cancels_running_job(env):
     seen += [e["event"] for e in q.queue]
     assert "BLOCK_JOB_CANCELLED" in seen, seen
     assert d.proc.wait(20) == 0
+
+
+def test_backup_raw_status_sequence(env):
+    """The unfiltered JOB_STATUS_CHANGE sequence of a backup, as QSD emits
+    it: the job starts inside a drained section, so running, paused,
+    running all come before the command's reply."""
+    d, _, _ = env
+    q = d.qmp
+    q.events()  # drop anything earlier
+    q.cmd("blockdev-backup", job_id="jr", device="src", target="tgt", sync="full")
+    # Events read before the reply are queued by cmd().
+    before = [e["data"]["status"] for e in q.queue
+              if e["event"] == "JOB_STATUS_CHANGE" and e["data"]["id"] == "jr"]
+    q.queue = []
+    assert before == ["created", "running", "paused", "running"]
+    seq = list(before)
+    import time
+    deadline = time.monotonic() + 30
+    while seq[-1] != "null" and time.monotonic() < deadline:
+        for e in q.events(timeout=0.2):
+            if e["event"] == "JOB_STATUS_CHANGE" and e["data"]["id"] == "jr":
+                seq.append(e["data"]["status"])
+    assert seq == ["created", "running", "paused", "running", "waiting", "pending",
+                   "concluded", "null"]

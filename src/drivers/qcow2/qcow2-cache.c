@@ -61,7 +61,7 @@ void qc_cache_free(Qcow2Cache *c)
     free(c);
 }
 
-static int entry_write(Qcow2State *s, Qcow2Cache *c, Qcow2CacheEntry *e)
+static int entry_write(Qcow2State *s, Qcow2Cache *c, Qcow2CacheEntry *e, int flags)
 {
     if (!e->dirty) {
         return 0;
@@ -83,7 +83,7 @@ static int entry_write(Qcow2State *s, Qcow2Cache *c, Qcow2CacheEntry *e)
             s->l2_needs_flush = false;
         }
     }
-    int ret = lam_co_pwrite(s->file, (int64_t)e->offset, c->entry_size, e->data, 0);
+    int ret = lam_co_pwrite(s->file, (int64_t)e->offset, c->entry_size, e->data, flags);
     if (ret < 0) {
         return ret;
     }
@@ -91,11 +91,23 @@ static int entry_write(Qcow2State *s, Qcow2Cache *c, Qcow2CacheEntry *e)
     return 0;
 }
 
+int qc_cache_writeback_fua(Qcow2State *s, Qcow2Cache *c)
+{
+    int result = 0;
+    for (int i = 0; i < c->n; i++) {
+        int ret = entry_write(s, c, &c->e[i], LAM_REQ_FUA);
+        if (ret < 0 && result == 0) {
+            result = ret;
+        }
+    }
+    return result;
+}
+
 int qc_cache_writeback(Qcow2State *s, Qcow2Cache *c)
 {
     int result = 0;
     for (int i = 0; i < c->n; i++) {
-        int ret = entry_write(s, c, &c->e[i]);
+        int ret = entry_write(s, c, &c->e[i], 0);
         if (ret < 0 && result == 0) {
             result = ret;
         }
@@ -159,7 +171,7 @@ int qc_cache_get(Qcow2State *s, Qcow2Cache *c, uint64_t offset, bool fresh,
         return -ENOMEM; /* every entry in use: cannot happen with n >= 4 */
     }
     if (victim->offset) {
-        int ret = entry_write(s, c, victim);
+        int ret = entry_write(s, c, victim, 0);
         if (ret < 0) {
             return ret;
         }

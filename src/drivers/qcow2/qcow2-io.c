@@ -220,15 +220,12 @@ static int read_old_cluster(Qcow2State *s, Qcow2ClusterType type, uint64_t entry
 
 /* A read that fell through to the backing file may have raced with a
  * writer that put the old backing data into this image and then changed
- * the backing file (classic fleecing).  Pending data first, then the
- * mapping: the order is explained in driver.h "Pending writes". */
+ * the backing file (classic fleecing, driver.h "Backing fall-through
+ * reads"): what became allocated since the lookup is read again. */
 static int revalidate_backing_read(LamNode *bs, int64_t off, int64_t run, LamIOV *qiov,
                                    size_t pos, uint64_t gen)
 {
     Qcow2State *s = bs->opaque;
-    if (!s->no_overlay) {
-        lam_node_pending_overlay(bs, off, run, qiov, pos);
-    }
     if (s->no_recheck || atomic_load(&s->map_gen) == gen) {
         return 0;
     }

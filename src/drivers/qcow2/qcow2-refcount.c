@@ -216,21 +216,18 @@ static int ensure_refblock(Qcow2State *s, int64_t t)
         return ret;
     }
     qc_rb_set(b, s->refcount_order, 0, 1); /* the block counts itself */
-    ret = lam_co_pwrite(s->file, (int64_t)off, cs, b, 0);
+    /* FUA writes order the block before its table entry, and the entry
+     * before any refcount in the block is relied on, without flushing
+     * the data written so far. */
+    ret = lam_co_pwrite(s->file, (int64_t)off, cs, b, LAM_REQ_FUA);
     qc_cache_put(s->rb_cache, b);
-    if (ret == 0) {
-        ret = lam_co_flush(s->file);
-    }
     if (ret < 0) {
         qc_cache_discard(s->rb_cache, off);
         return ret;
     }
     uint8_t e[8];
     qst64(e, off);
-    ret = lam_co_pwrite(s->file, (int64_t)s->rt_offset + 8 * t, 8, e, 0);
-    if (ret == 0) {
-        ret = lam_co_flush(s->file);
-    }
+    ret = lam_co_pwrite(s->file, (int64_t)s->rt_offset + 8 * t, 8, e, LAM_REQ_FUA);
     if (ret < 0) {
         qc_cache_discard(s->rb_cache, off);
         return ret;
@@ -339,8 +336,9 @@ static int64_t missing_blocks(Qcow2State *s, int64_t t0, int64_t t1)
 
 /* Writes new refcount blocks for the block-less ranges touched by the
  * free area [start, start+n+k), placing the k blocks at start+n.. so that
- * contiguous runs may cross range boundaries.  Blocks, then flush, then
- * table entries, then flush (I1). */
+ * contiguous runs may cross range boundaries.  The blocks and the
+ * refcounts of block clusters in old ranges are durable (FUA) before the
+ * table entries are written, with FUA too (I1). */
 static int place_blocks(Qcow2State *s, int64_t start, int64_t n, int64_t k)
 {
     int64_t cs = s->cluster_size, mask = (1ll << s->rb_bits) - 1;
@@ -367,21 +365,61 @@ static int place_blocks(Qcow2State *s, int64_t start, int64_t n, int64_t k)
                 qc_rb_set(b, s->refcount_order, ci & mask, 1);
             }
         }
-        ret = lam_co_pwrite(s->file, (int64_t)off, cs, b, 0);
+        /* FUA: durable before the table points at it, without a flush
+         * of all the data written so far. */
+        ret = lam_co_pwrite(s->file, (int64_t)off, cs, b, LAM_REQ_FUA);
         qc_cache_put(s->rb_cache, b);
         placed[j++] = t;
     }
+    /* Block clusters that fall in ranges which already had a block are
+     * counted there, durably, before the table points at them (I1). */
+    for (int64_t ci = bstart; ci < bstart + k && ret == 0; ci++) {
+        uint64_t rc;
+        if (!has_block(s, ci >> s->rb_bits)) {
+            continue; /* counted by its own new block */
+        }
+        ret = qc_get_refcount(s, ci, &rc);
+        if (ret == 0 && rc == 0) {
+            ret = qc_update_refcount(s, ci * cs, cs, 1);
+        }
+    }
     if (ret == 0) {
-        ret = lam_co_flush(s->file);
+        ret = qc_cache_writeback_fua(s, s->rb_cache);
     }
-    for (int64_t i = 0; i < j && ret == 0; i++) {
-        uint8_t e[8];
-        qst64(e, (uint64_t)((bstart + i) * cs));
-        ret = lam_co_pwrite(s->file, (int64_t)s->rt_offset + 8 * placed[i], 8, e, 0);
+    /* Table entries in dependency order: a block whose own cluster lies in
+     * the range of another new block is pointed at only once that block
+     * is (else a crash between the two would leave a referenced cluster
+     * without a refcount).  Clusters grow with ranges, so no cycles. */
+    bool *done = calloc(j ? j : 1, sizeof(bool));
+    if (!done) {
+        ret = -ENOMEM;
     }
-    if (ret == 0) {
-        ret = lam_co_flush(s->file);
+    for (int64_t left = j; ret == 0 && left > 0;) {
+        int64_t before = left;
+        for (int64_t i = 0; i < j && ret == 0; i++) {
+            if (done[i]) {
+                continue;
+            }
+            int64_t dep = (bstart + i) >> s->rb_bits;
+            bool waits = false;
+            for (int64_t d = 0; d < j; d++) {
+                waits |= d != i && !done[d] && placed[d] == dep;
+            }
+            if (waits) {
+                continue;
+            }
+            uint8_t e[8];
+            qst64(e, (uint64_t)((bstart + i) * cs));
+            ret = lam_co_pwrite(s->file, (int64_t)s->rt_offset + 8 * placed[i], 8, e,
+                                LAM_REQ_FUA);
+            done[i] = true;
+            left--;
+        }
+        if (ret == 0 && left == before) {
+            ret = -EIO; /* a cycle: cannot happen (see above) */
+        }
     }
+    free(done);
     if (ret < 0) {
         for (int64_t i = 0; i < j; i++) {
             qc_cache_discard(s->rb_cache, (uint64_t)((bstart + i) * cs));
@@ -395,17 +433,6 @@ static int place_blocks(Qcow2State *s, int64_t start, int64_t n, int64_t k)
     free(placed);
     if ((bstart + k) * cs > s->file_end) {
         s->file_end = (bstart + k) * cs;
-    }
-    /* Block clusters that fall in ranges which already had a block. */
-    for (int64_t ci = bstart; ci < bstart + k; ci++) {
-        uint64_t rc;
-        ret = qc_get_refcount(s, ci, &rc);
-        if (ret == 0 && rc == 0) {
-            ret = qc_update_refcount(s, ci * cs, cs, 1);
-        }
-        if (ret < 0) {
-            return ret;
-        }
     }
     return 0;
 }

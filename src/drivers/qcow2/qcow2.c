@@ -430,8 +430,7 @@ static int qcow2_open(LamNode *bs, json_t *opts, int flags, LamError **errp)
     }
     s->name = bs->filename ? bs->filename : "";
     s->read_only = !(flags & LAM_O_RDWR);
-    s->no_overlay = lam_debug_fleecing_skip("overlay");
-    s->no_recheck = lam_debug_fleecing_skip("recheck");
+    s->no_recheck = lam_debug_no_fleecing_guard();
     int64_t file_len = lam_node_length(s->file->node);
     if (file_len < 0) {
         lam_error_setg_errno(errp, (int)file_len, "Could not get the size of the image file");

@@ -127,9 +127,10 @@ typedef struct Qcow2State {
     bool grace_busy;           /* a qc_wait_grace is waiting for io_count */
     /* Bumped (under lock) before any L2 entry changes; read without the
      * lock by reads that fell through to the backing file, to learn that
-     * the mapping may have changed under them (driver.h "Pending writes"). */
+     * the mapping may have changed under them (driver.h "Backing
+     * fall-through reads"). */
     _Atomic uint64_t map_gen;
-    bool no_overlay, no_recheck; /* test switches, set at open */
+    bool no_recheck;           /* test switch, set at open */
 
     uint64_t incompat;         /* as on disk */
     _Atomic int64_t size;      /* virtual size (read without lock) */
@@ -187,6 +188,9 @@ void qc_cache_mark_dirty(Qcow2Cache *c, uint8_t *table);
 /* Writes all dirty tables, honouring the flush order (L2 after refcounts
  * and a flush of the file). */
 int qc_cache_writeback(Qcow2State *s, Qcow2Cache *c);
+/* Same, each dirty entry written with FUA: durable without flushing the
+ * rest of the file (ordering points that need only the metadata). */
+int qc_cache_writeback_fua(Qcow2State *s, Qcow2Cache *c);
 /* Forgets the table at offset (its cluster was freed). */
 void qc_cache_discard(Qcow2Cache *c, uint64_t offset);
 void qc_cache_clear(Qcow2Cache *c);

@@ -247,7 +247,7 @@ static void test_full_backup(void)
        "progress offset == len == size");
     json_decref(info);
     lam_job_unref(job);
-    ok(ev_is("created running waiting pending COMPLETED concluded null "), "events");
+    ok(ev_is("created running paused running waiting pending COMPLETED concluded null "), "events");
     ok(guest->node == a, "filter removed, guest edge back on the source");
     LamChild *rb = lam_root_attach(b, "check", LAM_PERM_CONSISTENT_READ, LAM_PERM_ALL, NULL);
     ok(count_mismatch(rb, LEN) == 0, "target holds the point-in-time data");
@@ -336,7 +336,7 @@ static void test_sync_none_cancel(void)
     lam_job_user_cancel(job, false, true, NULL);
     int r = lam_job_run_until_done(job);
     lam_job_unref(job);
-    ok(r == -ECANCELED && ev_is("created running aborting CANCELLED concluded null "),
+    ok(r == -ECANCELED && ev_is("created running paused running aborting CANCELLED concluded null "),
        "sync=none runs until cancelled");
     ok(lam_node_find("fl3") == NULL && guest->node == a, "filter gone after cancel");
     LamChild *rb = lam_root_attach(b, "check", LAM_PERM_CONSISTENT_READ, LAM_PERM_ALL, NULL);
@@ -555,7 +555,7 @@ static int64_t classic_fleecing_run(bool serialise, int idx)
     lam_job_user_cancel(job, true, false, NULL);
     lam_job_run_until_done(job);
     lam_job_unref(job);
-    ok(ev_is("created running aborting CANCELLED concluded null "), "fleecing job cancelled");
+    ok(ev_is("created running paused running aborting CANCELLED concluded null "), "fleecing job cancelled");
     lam_root_detach(rd);
     lam_root_detach(guest);
     lam_node_unref(b);
@@ -629,14 +629,14 @@ static void blkdebug_case(const char *name, LamOnError pol, int err, bool once,
 static void test_blkdebug_policies(void)
 {
     blkdebug_case("report", LAM_ONERR_REPORT, EIO, false,
-                  "created running ERROR aborting COMPLETED concluded null ", false);
+                  "created running paused running ERROR aborting COMPLETED concluded null ", false);
     blkdebug_case("ignore", LAM_ONERR_IGNORE, EIO, true,
-                  "created running ERROR waiting pending COMPLETED concluded null ", false);
+                  "created running paused running ERROR waiting pending COMPLETED concluded null ", false);
     blkdebug_case("enospc", LAM_ONERR_ENOSPC, ENOSPC, true,
-                  "created running ERROR paused running waiting pending COMPLETED concluded null ",
+                  "created running paused running ERROR paused running waiting pending COMPLETED concluded null ",
                   true);
     blkdebug_case("stop", LAM_ONERR_STOP, EIO, true,
-                  "created running ERROR paused running waiting pending COMPLETED concluded null ",
+                  "created running paused running ERROR paused running waiting pending COMPLETED concluded null ",
                   true);
     LamError *err = NULL;
     json_t *bad = json_pack("{s:s, s:s, s:{s:s, s:s}, s:[{s:s}]}", "driver", "blkdebug",
@@ -738,7 +738,7 @@ static void test_qmp_args(void)
     lam_job_ref(job);
     ok(lam_job_run_until_done(job) == 0, "drive-backup completed");
     lam_job_unref(job);
-    ok(ev_is("created running waiting pending COMPLETED concluded null "), "drive-backup events");
+    ok(ev_is("created running paused running waiting pending COMPLETED concluded null "), "drive-backup events");
     LamNode *d = open_opts(json_pack("{s:s, s:s, s:{s:s, s:s}}", "driver", "raw", "node-name", "d7",
                                      "file", "driver", "file", "filename", path));
     LamChild *rd = lam_root_attach(d, "check", LAM_PERM_CONSISTENT_READ, LAM_PERM_ALL, NULL);
@@ -892,7 +892,7 @@ static void test_drain_pauses_jobs(void)
     lam_job_set_speed(job, 0, NULL);
     int r = lam_job_run_until_done(job);
     lam_job_unref(job);
-    ok(r == 0 && ev_is("created running paused running waiting pending COMPLETED concluded null "),
+    ok(r == 0 && ev_is("created running paused running paused running waiting pending COMPLETED concluded null "),
        "drain: paused/running pair, then completion");
     lam_node_unref(a);
     lam_node_unref(b);

@@ -274,6 +274,12 @@ static int run(const char *dir, int64_t cs, int rbits, bool lazy)
     }
     int before = failures;
     int last_flush = 0;
+    if (getenv("DUMP_RECS")) {
+        for (int i = 0; i < nrecs; i++) {
+            printf("# rec %d kind %d off %lld (cl %lld) len %lld\n", i, recs[i].kind,
+                   (long long)recs[i].off, (long long)(recs[i].off / cs), (long long)recs[i].len);
+        }
+    }
     for (int i = 0; i <= nrecs; i++) {
         if (i == nrecs || recs[i].kind == 1) {
             int next = i;
