@@ -429,7 +429,7 @@ static void *cc_writer(void *p)
 {
     struct cc *cc = p;
     uint8_t b[4096];
-    for (int round = 0; round < 30; round++) {
+    for (int round = 0; round < 12; round++) {
         for (int k = CC_STABLE; k < CC_STABLE + CC_BUSY; k++) {
             int64_t off = (int64_t)k * 4096;
             fill(b, sizeof(b), k + round);
