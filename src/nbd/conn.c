@@ -730,12 +730,13 @@ void nbd_transmission(NbdConn *c)
             batch_add(&batch, r);
         }
     }
-    batch_flush(c, &batch);
     if (hard) {
         /* Nobody will read further replies reliably: make a sender that
          * is blocked on this socket fail now rather than at the timeout. */
         shutdown(c->fd, SHUT_RDWR);
     }
+    /* After a hard exit these sends fail at once; the slots are freed. */
+    batch_flush(c, &batch);
     /* Every in-flight request finishes before the export is released. */
     pthread_mutex_lock(&c->lock);
     while (c->in_flight > 0) {
