@@ -504,21 +504,25 @@ void job_pause_point_locked(LamJob *job)
     if (job->pause_count == 0 || job_is_cancelled_locked(job)) {
         return;
     }
-    LamJobStatus prev = job->status;
-    job->pause_prev = prev;
-    job_transition_locked(job, prev == LAM_JOB_STATUS_READY ? LAM_JOB_STATUS_STANDBY
-                                                            : LAM_JOB_STATUS_PAUSED);
-    job->paused = true;
-    job->busy = false;
-    job->pause_start_ns = lam_clock_ns();
-    /* A paused job sleeps on its condition: no CPU until resumed. */
+    /* A paused job sleeps on its condition: no CPU until resumed.  The
+     * resumer reports "running" (job_resume_locked); a new pause request
+     * may come before this thread wakes up, then it pauses again. */
     while (job->pause_count > 0) {
+        if (!job->paused) {
+            LamJobStatus prev = job->status;
+            job->pause_prev = prev;
+            job_transition_locked(job, prev == LAM_JOB_STATUS_READY ? LAM_JOB_STATUS_STANDBY
+                                                                    : LAM_JOB_STATUS_PAUSED);
+            job->paused = true;
+            job->busy = false;
+            job->pause_start_ns = lam_clock_ns();
+        }
         pthread_cond_wait(&job->cond, &job_lock);
     }
-    job->paused_ns += lam_clock_ns() - job->pause_start_ns;
     if (job->paused) { /* job_resume_locked normally did this */
         job->paused = false;
-        job_transition_locked(job, prev);
+        job->paused_ns += lam_clock_ns() - job->pause_start_ns;
+        job_transition_locked(job, job->pause_prev);
     }
     job->busy = true;
 }
@@ -1105,6 +1109,7 @@ static void job_resume_locked(LamJob *job)
              * the reply of the command (or drain) that resumed, as in
              * QEMU; the job thread wakes up later. */
             job->paused = false;
+            job->paused_ns += lam_clock_ns() - job->pause_start_ns;
             job_transition_locked(job, job->pause_prev);
         }
         job_kick_locked(job);

@@ -7,8 +7,10 @@
 #include <stdlib.h>
 #include <string.h>
 #include <time.h>
+#include <unistd.h>
 
 #include "jobs/job.h"
+#include "lamina/block.h"
 #include "lamina/events.h"
 
 static int ntest, nfail;
@@ -791,6 +793,34 @@ static void test_transactions(void)
        "txn: cancelling a created job rolls back the transaction");
 }
 
+/* Back-to-back drained sections: the second pause request may come
+ * before the job thread woke up from the first (the resumer already
+ * reported "running"); the job must pause again, or drain_begin would
+ * wait forever.  Also the start inside a drained section. */
+static void test_drain_storm(void)
+{
+    alarm(60); /* a hang fails the test instead of the CI run */
+    ev_reset();
+    TestJob *t = mk(&test_drv, "ds", true, false);
+    lam_drain_begin();
+    lam_job_start_drained(&t->common);
+    bool paused_at_start = t->common.paused && status_of(t) == LAM_JOB_STATUS_PAUSED;
+    lam_drain_end();
+    ok(paused_at_start && status_of(t) == LAM_JOB_STATUS_RUNNING,
+       "started drained: paused until the drain ends, running right after");
+    ok(ev_is("created running paused running "), "started drained: events");
+    bool all_paused = true;
+    for (int i = 0; i < 2000; i++) {
+        lam_drain_begin();
+        all_paused &= t->common.paused;
+        lam_drain_end();
+    }
+    ok(all_paused && status_of(t) == LAM_JOB_STATUS_RUNNING,
+       "2000 back-to-back drains: paused inside each, running after");
+    cleanup("ds");
+    alarm(0);
+}
+
 int main(void)
 {
     setvbuf(stdout, NULL, _IOLBF, 0);
@@ -801,6 +831,7 @@ int main(void)
     test_ratelimit();
     test_transactions();
     test_verbs_live();
+    test_drain_storm();
     lam_job_cancel_all_sync();
     printf("1..%d\n", ntest);
     return nfail ? 1 : 0;

@@ -56,9 +56,15 @@ static int64_t race(const char *dir, int round, int64_t off, int64_t len, int64_
     snprintf(a, sizeof(a), "%s/a%d.raw", dir, round);
     snprintf(b, sizeof(b), "%s/b%d.qcow2", dir, round);
     LamError *err = NULL;
-    if (lam_create_image(a, "raw", SIZE, NULL, &err) < 0 ||
-        lam_create_image(b, "qcow2", SIZE, json_pack("{s:i}", "cluster-size", CS), &err) < 0) {
+    json_t *fmt = json_pack("{s:i}", "cluster-size", CS);
+    int cr = lam_create_image(a, "raw", SIZE, NULL, &err);
+    if (cr == 0) {
+        cr = lam_create_image(b, "qcow2", SIZE, fmt, &err);
+    }
+    json_decref(fmt);
+    if (cr < 0) {
         printf("# create: %s\n", err ? err->msg : "?");
+        lam_error_free(err);
         return -1;
     }
     json_t *aopts = json_pack("{s:s, s:s, s:{s:s, s:s}}", "driver", "raw", "node-name", "A",
