@@ -647,8 +647,10 @@ void nbd_transmission(NbdConn *c)
 {
     uint32_t inline_max = c->inline_max;
     int batch_max = c->batch_max;
+    size_t spread_bytes = (size_t)c->spread_min * NBD_REQUEST_SIZE;
     ReplyBatch batch = { NULL, NULL, 0 };
     bool hard = true; /* all exits but NBD_CMD_DISC drop the client */
+    atomic_fetch_add(&nbd_srv.tx_conns, 1);
     for (;;) {
         uint8_t h[NBD_REQUEST_SIZE];
         if (c->rpos + sizeof(h) > c->rlen) {
@@ -711,7 +713,15 @@ void nbd_transmission(NbdConn *c)
                       (type == NBD_CMD_WRITE && !(flags & NBD_CMD_FLAG_FUA) &&
                        !c->exp->writethrough));
         /* Page-cache hits are served here: handing them to a worker costs
-         * more (a wake-up and two context switches) than the copy. */
+         * more (a wake-up and two context switches) than the copy.  Unless
+         * a backlog of requests waits here and there are fewer clients
+         * than CPUs (see NBD_SPREAD_MIN); writes don't gain (the file
+         * system serialises buffered writes to a file). */
+        if (small && type == NBD_CMD_READ && spread_bytes &&
+            c->rlen - c->rpos >= spread_bytes &&
+            atomic_load_explicit(&nbd_srv.tx_conns, memory_order_relaxed) < nbd_srv.ncpus) {
+            small = false;
+        }
         if (small && req_exec(c, r, LAM_REQ_NOWAIT) == 0) {
             batch_add(&batch, r);
             if (batch.n >= batch_max) {
@@ -730,6 +740,7 @@ void nbd_transmission(NbdConn *c)
             batch_add(&batch, r);
         }
     }
+    atomic_fetch_sub(&nbd_srv.tx_conns, 1);
     if (hard) {
         /* Nobody will read further replies reliably: make a sender that
          * is blocked on this socket fail now rather than at the timeout. */

@@ -7,7 +7,8 @@
  * request slots) and the image evicted from the page cache: the
  * connection thread must send its batch before it waits for a slot or
  * for input, and reads that miss the page cache must fall back to the
- * blocking path with the right data.  TAP output. */
+ * blocking path with the right data.  A lone client's backlog of cached
+ * reads is partly handed to workers (LAMINA_NBD_SPREAD).  TAP output. */
 #include <errno.h>
 #include <fcntl.h>
 #include <stdint.h>
@@ -23,6 +24,7 @@
 #include "lamina/block.h"
 #include "lamina/events.h"
 #include "nbd/nbd-proto.h"
+#include "nbd/nbd-int.h"
 #include "nbd/nbd.h"
 
 #define NCLIENTS 4
@@ -300,12 +302,58 @@ static int burst_client(void)
     return bad;
 }
 
+/* Writes BURST blocks at base (so they are cached), then sends BURST reads
+ * of them at once; returns 0 if every reply is right. */
+static int cached_burst_client(uint64_t base)
+{
+    int fd = client_connect();
+    if (fd < 0) {
+        return 1;
+    }
+    int bad = 0;
+    uint8_t *pattern = malloc(REGION);
+    for (int i = 0; i < REGION; i++) {
+        pattern[i] = (uint8_t)(0xc3 ^ (i / REQ) ^ i);
+    }
+    uint8_t h[28];
+    for (int i = 0; i < BURST && !bad; i++) {
+        int err;
+        request(h, NBD_CMD_WRITE, i, base + (uint64_t)i * REQ, REQ);
+        if (full_io(fd, h, 28, 1) < 0 ||
+            full_io(fd, pattern + (size_t)i * REQ, REQ, 1) < 0 ||
+            read_reply(fd, pattern, &err) < 0 || err) {
+            bad = 1;
+        }
+    }
+    uint8_t *out = malloc(28 * BURST);
+    for (int i = 0; i < BURST; i++) {
+        request(out + 28 * i, NBD_CMD_READ, i, base + (uint64_t)i * REQ, REQ);
+    }
+    if (!bad && full_io(fd, out, 28 * BURST, 1) < 0) {
+        bad = 2;
+    }
+    for (int i = 0; i < BURST && !bad; i++) {
+        int err;
+        if (read_reply(fd, pattern, &err) < 0 || err) {
+            bad = 3;
+        }
+    }
+    request(h, NBD_CMD_DISC, 0, 0, 0);
+    full_io(fd, h, 28, 1);
+    close(fd);
+    free(out);
+    free(pattern);
+    return bad;
+}
+
 int main(void)
 {
     lam_progname = "test-nbd-server";
     lam_event_set_sink(sink);
     /* Bigger reply batches than request slots (see burst_client). */
     setenv("LAMINA_NBD_BATCH", "64", 1);
+    /* Any backlog of a lone client is spread to the pool (if CPUs > 1). */
+    setenv("LAMINA_NBD_SPREAD", "1", 1);
     char dir[] = "/tmp/lamina-nbd-XXXXXX";
     if (!mkdtemp(dir)) {
         perror("mkdtemp");
@@ -335,6 +383,17 @@ int main(void)
         printf("# %s\n", err->msg);
         lam_error_free(err);
         err = NULL;
+    }
+
+    /* A lone client's backlog of cached reads: the connection thread
+     * serves some and hands the rest to workers (the pool's first
+     * threads: writes of whole pages and cached reads need none). */
+    int before = lam_threadpool_nthreads(nbd_srv.pool);
+    ok(cached_burst_client(0) == 0, "burst of cached reads from one client");
+    if (sysconf(_SC_NPROCESSORS_ONLN) > 1 && before == 0) {
+        ok(lam_threadpool_nthreads(nbd_srv.pool) > 0, "its backlog was spread to workers");
+    } else {
+        ok(1, "# SKIP one CPU or workers already running");
     }
 
     pthread_t th[NCLIENTS];
