@@ -58,6 +58,8 @@ struct LamBlockCopy {
     LamBitmap *access;    /* set = readable through snapshot-access */
     CopyTask *tasks;      /* in-flight copies */
     FrozenRead *frozen;   /* in-flight snapshot reads from the source */
+    uint64_t copied_gen;  /* bumped whenever a copy completes */
+    bool no_recheck;      /* test switch (LAMINA_DEBUG_NO_FLEECING_GUARD) */
 
     /* Background run state (valid while lam_block_copy_run runs). */
     WorkItem *queue;
@@ -131,6 +133,7 @@ LamBlockCopy *lam_block_copy_new_gran(LamChild *source, LamChild *target,
     s->len = len;
     s->write_flags = write_flags;
     s->target_has_backing = lam_node_backing_node(target->node) != NULL;
+    s->no_recheck = lam_debug_no_fleecing_guard();
     pthread_mutex_init(&s->lock, NULL);
     pthread_cond_init(&s->cond, NULL);
     pthread_cond_init(&s->work_cond, NULL);
@@ -397,6 +400,8 @@ static void task_end_locked(LamBlockCopy *s, CopyTask *t, int ret)
     }
     if (ret < 0) {
         lam_bitmap_set(s->bitmap, t->off, t->bytes);
+    } else {
+        s->copied_gen++;
     }
     pthread_cond_broadcast(&s->cond);
 }
@@ -467,10 +472,10 @@ int lam_block_copy_cbw(LamBlockCopy *s, int64_t off, int64_t bytes)
             continue;
         }
         /* Nothing left to claim: wait for copies by others (which may
-         * fail and make clusters dirty again) and for snapshot readers
-         * still reading the old data from the source. */
-        if (task_overlaps_locked(s, start, end - start) ||
-            frozen_overlaps_locked(s, start, end - start)) {
+         * fail and make clusters dirty again).  Snapshot readers still
+         * reading the old data from the source are not waited for: they
+         * re-check and re-read from the target (snapshot_read). */
+        if (task_overlaps_locked(s, start, end - start)) {
             pthread_cond_wait(&s->cond, &s->lock);
             continue;
         }
@@ -505,6 +510,64 @@ int lam_block_copy_snapshot_discard(LamBlockCopy *s, int64_t off, int64_t bytes)
     return ret == -ENOTSUP ? 0 : ret;
 }
 
+/* Copied: in the target for good (clear and no copy in flight).  Lock held. */
+static bool copied_locked(LamBlockCopy *s, int64_t off, int64_t n)
+{
+    return !lam_bitmap_get(s->bitmap, off) && !task_overlaps_locked(s, off, n);
+}
+
+static int read_part(LamChild *c, int64_t off, int64_t n, LamIOV *qiov, size_t qoff)
+{
+    LamIOV part;
+    lam_iov_init(&part, 4);
+    lam_iov_concat(&part, qiov, qoff, (size_t)n);
+    int ret = lam_co_preadv(c, off, n, &part, 0);
+    lam_iov_destroy(&part);
+    return ret;
+}
+
+/* After reading [off, off+n) from the source: the clusters copied since
+ * (copied_gen moved) may hold new guest data in what was read; their old
+ * data is in the target now.  A cluster still dirty, or with its copy in
+ * flight, was not written by the guest: copy-before-write finishes first.
+ * Lock held, dropped around the reads. */
+static int recheck_locked(LamBlockCopy *s, int64_t off, int64_t n, LamIOV *qiov,
+                          size_t qoff)
+{
+    int64_t end = off + n;
+    while (off < end) {
+        int64_t cend = (off / s->gran + 1) * s->gran;
+        int64_t m = (cend < end ? cend : end) - off;
+        if (!copied_locked(s, off, m)) {
+            off += m;
+            qoff += (size_t)m;
+            continue;
+        }
+        /* Extend over copied clusters. */
+        while (off + m < end) {
+            int64_t k = s->gran < end - off - m ? s->gran : end - off - m;
+            if (!copied_locked(s, off + m, k)) {
+                break;
+            }
+            m += k;
+        }
+        pthread_mutex_unlock(&s->lock);
+        int ret = read_part(s->target, off, m, qiov, qoff);
+        pthread_mutex_lock(&s->lock);
+        if (ret < 0) {
+            return ret;
+        }
+        off += m;
+        qoff += (size_t)m;
+    }
+    return 0;
+}
+
+/* Regions already copied are read from the target; the others from the
+ * source without holding anyone up (QEMU makes copy-before-write wait for
+ * such reads): if a copy completed meanwhile, its clusters are re-read
+ * from the target, which holds their old data since before the guest
+ * write that may have changed the source under us. */
 int lam_block_copy_snapshot_read(LamBlockCopy *s, int64_t off, int64_t bytes,
                                  LamIOV *qiov, size_t qoff)
 {
@@ -519,36 +582,32 @@ int lam_block_copy_snapshot_read(LamBlockCopy *s, int64_t off, int64_t bytes,
         pthread_mutex_lock(&s->lock);
         int64_t cend = (off / s->gran + 1) * s->gran;
         int64_t n = (cend < end ? cend : end) - off;
-        /* A copy of this cluster is in flight: its data is about to be in
-         * the target.  Wait rather than read a half-written cluster. */
-        while (task_overlaps_locked(s, off, n)) {
-            pthread_cond_wait(&s->cond, &s->lock);
-        }
-        bool dirty = lam_bitmap_get(s->bitmap, off);
+        bool copied = copied_locked(s, off, n);
         /* Extend over clusters in the same state. */
         while (off + n < end) {
             int64_t next = off + n;
             int64_t m = s->gran < end - next ? s->gran : end - next;
-            if (lam_bitmap_get(s->bitmap, next) != dirty || task_overlaps_locked(s, next, m)) {
+            if (copied_locked(s, next, m) != copied) {
                 break;
             }
             n += m;
         }
+        /* Registered for snapshot discard, which waits for it. */
         FrozenRead fr = { .off = off, .bytes = n };
-        if (dirty) {
+        uint64_t gen = s->copied_gen;
+        if (!copied) {
             fr.next = s->frozen;
             s->frozen = &fr;
         }
         pthread_mutex_unlock(&s->lock);
 
-        LamIOV part;
-        lam_iov_init(&part, 4);
-        lam_iov_concat(&part, qiov, qoff, (size_t)n);
-        int ret = lam_co_preadv(dirty ? s->source : s->target, off, n, &part, 0);
-        lam_iov_destroy(&part);
+        int ret = read_part(copied ? s->target : s->source, off, n, qiov, qoff);
 
-        if (dirty) {
+        if (!copied) {
             pthread_mutex_lock(&s->lock);
+            if (ret == 0 && s->copied_gen != gen && !s->no_recheck) {
+                ret = recheck_locked(s, off, n, qiov, qoff);
+            }
             for (FrozenRead **pp = &s->frozen; *pp; pp = &(*pp)->next) {
                 if (*pp == &fr) {
                     *pp = fr.next;

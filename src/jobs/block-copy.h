@@ -13,10 +13,12 @@
  * whole chain) and data that reads back as zeroes are written as
  * write_zeroes, never as data.
  *
- * Frozen reads (snapshot-access): a reader of a not-yet-copied region reads
- * the source while a "frozen read" covers the range; copy-before-write
- * waits for frozen reads on its range before letting the guest write
- * through, so the reader never sees the new data.
+ * Snapshot reads (snapshot-access): a reader of a not-yet-copied region
+ * reads the source without holding copy-before-write up; if a copy
+ * completed meanwhile (copied_gen), the clusters copied since are re-read
+ * from the target, which got their old data before the guest write could
+ * change the source.  The reader's range is still registered as a "frozen
+ * read", for snapshot discard only.
  *
  * LOCK: LamBlockCopy.lock protects the bitmap, the task and frozen-read
  * lists and the error fields; it is never held across I/O.  It nests
