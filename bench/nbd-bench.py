@@ -11,7 +11,10 @@ Every measurement runs RUNS times (servers interleaved) and the median is
 reported, with laminad/QSD ratios.
 
 Usage: bench/nbd-bench.py [--runs N] [--runtime S] [--size-mb M] [--dir D]
-                          [--only TEST] [--formats qcow2,raw] [BUILD_DIR]
+                          [--only TEST] [--formats qcow2,raw]
+                          [--baseline OTHER_BUILD_DIR] [BUILD_DIR]
+--baseline adds columns for a second laminad (e.g. a build of main), run
+interleaved with the others, for before/after comparisons on a busy machine.
 Uses build/src/daemon/laminad when it exists, else the nbd-serve harness
 (tests/unit/nbd), which serves through the same NBD server code.
 """
@@ -50,8 +53,9 @@ def wait_socket(path, proc, timeout=20):
 
 
 class Server:
-    def __init__(self, kind, image, fmt, sock):
+    def __init__(self, kind, image, fmt, sock, laminad=None):
         self.kind, self.image, self.fmt, self.sock = kind, image, fmt, sock
+        self.laminad = laminad
         self.proc = None
 
     def start(self):
@@ -59,12 +63,13 @@ class Server:
             os.unlink(self.sock)
         fopts = {"driver": "file", "filename": self.image}
         if self.kind == "lamina":
-            if os.path.exists(LAMINAD):
+            laminad = self.laminad or LAMINAD
+            if os.path.exists(laminad):
                 bd = {"driver": self.fmt, "node-name": "n0", "file": fopts}
                 ex = {"type": "nbd", "id": "e0", "node-name": "n0", "name": "exp",
                       "writable": True}
                 qmp = self.sock + ".qmp"
-                cmd = [LAMINAD, "--blockdev", json.dumps(bd), "--nbd",
+                cmd = [laminad, "--blockdev", json.dumps(bd), "--nbd",
                        "unix:" + self.sock, "--export", json.dumps(ex), "--qmp", qmp]
             else:
                 cmd = [NBD_SERVE, "-f", self.fmt, "-w", "-n", "exp", "-a",
@@ -176,6 +181,8 @@ def main():
     ap.add_argument("--dir", default=None)
     ap.add_argument("--only", default=None, help="substring of test names")
     ap.add_argument("--formats", default="qcow2,raw")
+    ap.add_argument("--baseline", default=None,
+                    help="another build directory: its laminad gets columns too")
     ap.add_argument("build", nargs="?", help="build directory (default build/)")
     args = ap.parse_args()
     global BUILD, LAMINAD, NBD_SERVE
@@ -196,6 +203,15 @@ def main():
                 ("QSD qcow2", Server("qsd", qcow, "qcow2", d + "/qq.sock")),
                 ("lamina raw", Server("lamina", raw, "raw", d + "/lr.sock")),
                 ("QSD raw", Server("qsd", raw, "raw", d + "/qr.sock"))]
+        if args.baseline:
+            base = os.path.join(os.path.abspath(args.baseline), "src", "daemon",
+                                "laminad")
+            if not os.path.exists(base):
+                sys.exit("no laminad in %s" % args.baseline)
+            cols.insert(1, ("base qcow2", Server("lamina", qcow, "qcow2",
+                                                 d + "/bq.sock", base)))
+            cols.insert(4, ("base raw", Server("lamina", raw, "raw",
+                                               d + "/br.sock", base)))
         fmts = args.formats.split(",")
         cols = [(c, s) for c, s in cols if s.fmt in fmts]
         if have_nbdkit and "raw" in fmts:
@@ -203,10 +219,12 @@ def main():
         servers = [s for _, s in cols]
         print("laminad: %s" % (LAMINAD if os.path.exists(LAMINAD) else
                                "not built, using " + NBD_SERVE))
-        print("runs=%d runtime=%ds image=%d MiB (median of runs)\n"
-              % (args.runs, args.runtime, args.size_mb))
+        print("runs=%d runtime=%ds image=%d MiB (median of runs), load %.1f %.1f %.1f\n"
+              % ((args.runs, args.runtime, args.size_mb) + os.getloadavg()))
         hdr = "%-18s %-5s" % ("test", "unit") + "".join("%14s" % c for c, _ in cols)
         hdr += "%10s%10s" % ("L/Q qcow2", "L/Q raw")
+        if args.baseline:
+            hdr += "%10s%10s" % ("B/Q qcow2", "B/Q raw")
         print(hdr)
         results = {}
         for name, unit, fn in TESTS:
@@ -229,15 +247,21 @@ def main():
                         s.stop()
             med = {c: statistics.median(v) for c, v in vals.items()}
             cpu_med = {c: statistics.median(v) for c, v in cpu.items()}
-            results[name] = {"value": med, "cpu_us_per_op": cpu_med}
+            results[name] = {"value": med, "cpu_us_per_op": cpu_med,
+                             "runs": vals, "cpu_runs": cpu}
             line = "%-18s %-5s" % (name, unit)
             line += "".join("%14.0f" % med[c] for c, _ in cols)
             r1 = med.get("lamina qcow2", 0) / med.get("QSD qcow2", 1)
             r2 = med.get("lamina raw", 0) / med.get("QSD raw", 1)
             line += "%9.2fx%9.2fx" % (r1, r2)
+            if args.baseline:
+                line += "%9.2fx%9.2fx" % (
+                    med.get("base qcow2", 0) / med.get("QSD qcow2", 1),
+                    med.get("base raw", 0) / med.get("QSD raw", 1))
             print(line, flush=True)
             print("%-18s %-5s" % ("  server CPU", "us/MB" if "nbdcopy" in name else "us/op") +
                   "".join("%14.1f" % cpu_med[c] for c, _ in cols), flush=True)
+        print("\nload at the end: %.1f %.1f %.1f" % os.getloadavg())
         with open(os.path.join(BUILD if os.path.isdir(BUILD) else d, "nbd-bench-last.json"), "w") as f:
             json.dump(results, f, indent=1)
     finally:

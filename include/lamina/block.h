@@ -58,6 +58,12 @@ enum {
     LAM_REQ_WRITE_UNCHANGED = 1 << 4, /* write does not change guest data */
     LAM_REQ_NO_SERIALISE_WAIT = 1 << 5, /* internal: already serialised */
     LAM_REQ_WRITE_COMPRESSED = 1 << 6, /* whole-cluster write, stored compressed */
+    /* Fail with -EAGAIN instead of waiting for device I/O, a busy driver
+     * lock or another request; nothing has changed then.  For callers that
+     * would otherwise hand the request to a thread that may block (an NBD
+     * connection serving page-cache hits itself).  Reads and writes only;
+     * a node whose driver does not claim it answers -EAGAIN at once. */
+    LAM_REQ_NOWAIT = 1 << 7,
 };
 
 /* ---- permissions on an edge (QEMU's BlockPermission) ---- */

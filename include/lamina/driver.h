@@ -34,6 +34,13 @@
  *
  * Offsets handed to the driver are aligned to bl.request_alignment and
  * within the node's length (reads past EOF are zero-filled by the core).
+ *
+ * LAM_REQ_NOWAIT reaches preadv/pwritev only if the driver lists it in
+ * supported_read_flags/supported_write_flags: the driver then returns
+ * -EAGAIN, before changing anything, wherever it would wait for device
+ * I/O, a contended lock or another request, and passes the flag on to the
+ * child requests it makes.  A buffered write of whole pages counts as not
+ * waiting (it only copies into the page cache).
  */
 #ifndef LAMINA_DRIVER_H
 #define LAMINA_DRIVER_H
@@ -56,7 +63,8 @@ struct LamDriver {
      * mapping afterwards and re-read what was allocated meanwhile (see
      * "Backing fall-through reads" below). */
     bool revalidates_backing_reads;
-    uint32_t supported_write_flags; /* LAM_REQ_FUA if the driver does it */
+    uint32_t supported_write_flags; /* LAM_REQ_FUA / LAM_REQ_NOWAIT if the driver does it */
+    uint32_t supported_read_flags;  /* LAM_REQ_NOWAIT if preadv honours it */
     uint32_t supported_zero_flags;  /* LAM_REQ_MAY_UNMAP | LAM_REQ_FUA | NO_FALLBACK */
     /* Option names accepted besides the common ones (driver, node-name,
      * read-only, cache, discard, detect-zeroes, auto-read-only,

@@ -14,6 +14,10 @@
  * two read-modify-write cycles on one block can't lose each other's bytes;
  * copy-before-write into a fleecing image is serialising so that a reader
  * falling through to the live disk never sees newer data (seed 001).
+ *
+ * LAM_REQ_NOWAIT (block.h) is refused with -EAGAIN wherever this layer
+ * would wait or can't vouch for the driver: a driver that does not claim
+ * it, an overlapping serialising request, read-modify-write, FUA.
  */
 #include <errno.h>
 #include <pthread.h>
@@ -70,8 +74,11 @@ static bool must_wait(LamNode *bs, int64_t off, int64_t bytes, bool serialising)
     return false;
 }
 
-static void track_begin(LamNode *bs, LamTrackedReq *r, int64_t off,
-                        int64_t bytes, bool serialising, bool write)
+/* Registers r, first waiting for the overlapping requests it must not
+ * run alongside; with nowait it returns -EAGAIN instead of waiting. */
+static int track_begin_nowait(LamNode *bs, LamTrackedReq *r, int64_t off,
+                              int64_t bytes, bool serialising, bool write,
+                              bool nowait)
 {
     r->off = off;
     r->bytes = bytes;
@@ -79,6 +86,10 @@ static void track_begin(LamNode *bs, LamTrackedReq *r, int64_t off,
     r->write = write;
     pthread_mutex_lock(&bs->reqs_lock);
     while (must_wait(bs, off, bytes, serialising)) {
+        if (nowait) {
+            pthread_mutex_unlock(&bs->reqs_lock);
+            return -EAGAIN;
+        }
         bs->reqs_waiters++;
         pthread_cond_wait(&bs->reqs_cond, &bs->reqs_lock);
         bs->reqs_waiters--;
@@ -91,6 +102,13 @@ static void track_begin(LamNode *bs, LamTrackedReq *r, int64_t off,
     bs->reqs = r;
     pthread_mutex_unlock(&bs->reqs_lock);
     atomic_fetch_add(&bs->in_flight, 1);
+    return 0;
+}
+
+static void track_begin(LamNode *bs, LamTrackedReq *r, int64_t off,
+                        int64_t bytes, bool serialising, bool write)
+{
+    track_begin_nowait(bs, r, off, bytes, serialising, write, false);
 }
 
 static void track_end(LamNode *bs, LamTrackedReq *r)
@@ -285,10 +303,18 @@ int lam_node_preadv(LamNode *bs, int64_t off, int64_t bytes, LamIOV *qiov,
         return 0;
     }
     bool serialising = flags & LAM_REQ_SERIALISING;
+    bool nowait = flags & LAM_REQ_NOWAIT;
     flags &= ~(LAM_REQ_SERIALISING | LAM_REQ_NO_SERIALISE_WAIT);
+    if (nowait && !(bs->drv->supported_read_flags & LAM_REQ_NOWAIT)) {
+        return -EAGAIN;
+    }
     if (is_aligned(bs, off, bytes)) {
-        track_begin(bs, &req, off, bytes, serialising, false);
-        int ret = drv_preadv(bs, off, bytes, qiov, 0, flags);
+        int ret = track_begin_nowait(bs, &req, off, bytes, serialising, false,
+                                     nowait);
+        if (ret < 0) {
+            return ret;
+        }
+        ret = drv_preadv(bs, off, bytes, qiov, 0, flags);
         track_end(bs, &req);
         return ret;
     }
@@ -306,9 +332,12 @@ int lam_node_preadv(LamNode *bs, int64_t off, int64_t bytes, LamIOV *qiov,
     if (p.tail) {
         lam_iov_add(&padded, p.buf + a, p.tail);
     }
-    track_begin(bs, &req, p.aoff, p.aend - p.aoff, serialising, false);
-    int ret = drv_preadv(bs, p.aoff, p.aend - p.aoff, &padded, 0, flags);
-    track_end(bs, &req);
+    int ret = track_begin_nowait(bs, &req, p.aoff, p.aend - p.aoff,
+                                 serialising, false, nowait);
+    if (ret == 0) {
+        ret = drv_preadv(bs, p.aoff, p.aend - p.aoff, &padded, 0, flags);
+        track_end(bs, &req);
+    }
     lam_iov_destroy(&padded);
     free(p.buf);
     return ret;
@@ -380,13 +409,25 @@ static int node_pwritev(LamNode *bs, int64_t off, int64_t bytes, LamIOV *qiov,
         return chk;
     }
     bool serialising = flags & LAM_REQ_SERIALISING;
+    bool nowait = flags & LAM_REQ_NOWAIT;
     flags &= ~(LAM_REQ_SERIALISING | LAM_REQ_NO_SERIALISE_WAIT);
+    /* A flush, a read-modify-write or compression can't be done without
+     * waiting: the caller retries without NOWAIT. */
+    if (nowait && (!(bs->drv->supported_write_flags & LAM_REQ_NOWAIT) ||
+                   (flags & (LAM_REQ_FUA | LAM_REQ_WRITE_COMPRESSED)) ||
+                   !is_aligned(bs, off, bytes))) {
+        return -EAGAIN;
+    }
     if (!is_aligned(bs, off, bytes)) {
         return node_pwritev_rmw(bs, off, bytes, qiov, flags);
     }
     LamTrackedReq req;
-    track_begin(bs, &req, off, bytes, serialising, true);
-    int ret = drv_pwritev(bs, off, bytes, qiov, 0, flags);
+    int ret = track_begin_nowait(bs, &req, off, bytes, serialising, true,
+                                 nowait);
+    if (ret < 0) {
+        return ret;
+    }
+    ret = drv_pwritev(bs, off, bytes, qiov, 0, flags);
     track_end(bs, &req);
     return ret;
 }
@@ -411,6 +452,9 @@ static int emulate_zeroes(LamNode *bs, int64_t off, int64_t bytes, int flags)
 static int node_pwrite_zeroes(LamNode *bs, int64_t off, int64_t bytes, int flags)
 {
     const LamDriver *drv = bs->drv;
+    if (flags & LAM_REQ_NOWAIT) {
+        return -EAGAIN; /* no driver claims it for zero writes */
+    }
     int chk = write_check(bs, off, bytes);
     if (chk <= 0) {
         return chk;

@@ -25,6 +25,10 @@ typedef struct FileState {
     bool no_seek_hole;
     bool is_blockdev;
     _Atomic bool no_rwf_dsync; /* pwritev2(RWF_DSYNC) refused: FUA = write + flush */
+    /* RWF_NOWAIT reads are refused by this kernel or file system: don't
+     * try again.  Atomic: any request thread may set it. */
+    _Atomic bool no_nowait;
+    uint32_t page_mask;  /* page size - 1: whole-page writes never read */
     /* Length cached so the request path needs no fstat; updated by our own
      * writes and truncates (other processes growing the file are not seen,
      * as with any open image). */
@@ -129,6 +133,8 @@ static int file_open(LamNode *bs, json_t *opts, int flags, LamError **errp)
         bs->bl.min_mem_alignment = bs->bl.request_alignment;
     }
     bs->bl.max_transfer = 32 << 20;
+    long page = sysconf(_SC_PAGESIZE);
+    s->page_mask = page > 0 ? (uint32_t)page - 1 : 4095;
     return 0;
 }
 
@@ -218,8 +224,34 @@ static int do_rw(LamNode *bs, int64_t off, int64_t bytes, LamIOV *qiov, bool wri
     return 0;
 }
 
+/* A read served from the page cache alone (RWF_NOWAIT), or -EAGAIN if
+ * any of it would need the disk.  O_DIRECT reads always wait for the
+ * device.  A short read means "partly cached" as well as "end of file":
+ * both go the blocking way, which tells them apart. */
+static int read_nowait(FileState *s, int64_t off, int64_t bytes, LamIOV *qiov)
+{
+    if (s->direct || atomic_load_explicit(&s->no_nowait, memory_order_relaxed) ||
+        qiov->niov > IOV_MAX || (int64_t)qiov->size != bytes) {
+        return -EAGAIN;
+    }
+    ssize_t n;
+    do {
+        n = preadv2(s->fd, qiov->iov, qiov->niov, off, RWF_NOWAIT);
+    } while (n < 0 && errno == EINTR);
+    if (n < 0 && errno != EAGAIN) {
+        if (errno == EOPNOTSUPP || errno == EINVAL) {
+            atomic_store(&s->no_nowait, true);
+        }
+        return -EAGAIN; /* real errors are reported by the blocking retry */
+    }
+    return n == bytes ? 0 : -EAGAIN;
+}
+
 static int file_preadv(LamNode *bs, int64_t off, int64_t bytes, LamIOV *qiov, int flags)
 {
+    if (flags & LAM_REQ_NOWAIT) {
+        return read_nowait(bs->opaque, off, bytes, qiov);
+    }
     return do_rw(bs, off, bytes, qiov, false, 0);
 }
 
@@ -232,6 +264,14 @@ static int file_flush(LamNode *bs)
 static int file_pwritev(LamNode *bs, int64_t off, int64_t bytes, LamIOV *qiov, int flags)
 {
     FileState *s = bs->opaque;
+    /* NOWAIT: a buffered write of whole pages only copies into the page
+     * cache (there is no RWF_NOWAIT for buffered writes on most file
+     * systems); part of a page may need a read first, and O_DIRECT waits
+     * for the device. */
+    if ((flags & LAM_REQ_NOWAIT) &&
+        (s->direct || (flags & LAM_REQ_FUA) || ((off | bytes) & s->page_mask))) {
+        return -EAGAIN;
+    }
     /* FUA: RWF_DSYNC makes just this range (and the file size) durable;
      * a flush would also write out every other dirty page of the file,
      * which is what made qcow2's metadata ordering cost a backup job a
@@ -525,7 +565,8 @@ const LamDriver lam_drv_file = {
     .name = "file",
     .kind = LAM_DRV_PROTOCOL,
     .state_size = sizeof(FileState),
-    .supported_write_flags = LAM_REQ_FUA,
+    .supported_write_flags = LAM_REQ_FUA | LAM_REQ_NOWAIT,
+    .supported_read_flags = LAM_REQ_NOWAIT,
     .supported_zero_flags = LAM_REQ_MAY_UNMAP,
     .option_names = file_options,
     .open = file_open,

@@ -72,11 +72,17 @@ void nbd_conn_free_slots(NbdConn *c)
     }
 }
 
-static NbdReq *get_slot(NbdConn *c, uint32_t charge)
+/* A free slot with room for charge bytes; NULL if that needs a wait and
+ * wait is false. */
+static NbdReq *get_slot(NbdConn *c, uint32_t charge, bool wait)
 {
     pthread_mutex_lock(&c->lock);
     while (!c->free_slots ||
            (c->in_flight > 0 && c->inflight_bytes + charge > NBD_CONN_BUDGET)) {
+        if (!wait) {
+            pthread_mutex_unlock(&c->lock);
+            return NULL;
+        }
         pthread_cond_wait(&c->cond, &c->lock);
     }
     NbdReq *r = c->free_slots;
@@ -88,21 +94,35 @@ static NbdReq *get_slot(NbdConn *c, uint32_t charge)
     return r;
 }
 
-static void put_slot(NbdReq *r)
+/* Returns the slots of a list of requests linked by next_send (or one
+ * request with r->next_send == NULL) under one lock acquisition. */
+static void put_slots(NbdReq *list)
 {
-    NbdConn *c = r->conn;
-    if (r->bufcap > NBD_SLOT_KEEP) {
-        free(r->buf);
-        r->buf = NULL;
-        r->bufcap = 0;
+    NbdConn *c = list->conn;
+    for (NbdReq *r = list; r; r = r->next_send) {
+        if (r->bufcap > NBD_SLOT_KEEP) {
+            free(r->buf);
+            r->buf = NULL;
+            r->bufcap = 0;
+        }
     }
     pthread_mutex_lock(&c->lock);
-    r->next_free = c->free_slots;
-    c->free_slots = r;
-    c->in_flight--;
-    c->inflight_bytes -= r->charge;
+    while (list) {
+        NbdReq *next = list->next_send;
+        list->next_free = c->free_slots;
+        c->free_slots = list;
+        c->in_flight--;
+        c->inflight_bytes -= list->charge;
+        list = next;
+    }
     pthread_cond_signal(&c->cond); /* only the connection thread waits */
     pthread_mutex_unlock(&c->lock);
+}
+
+static void put_slot(NbdReq *r)
+{
+    r->next_send = NULL;
+    put_slots(r);
 }
 
 static int ensure_buf(NbdReq *r, size_t len)
@@ -143,19 +163,20 @@ static int send_batch(NbdConn *c, NbdReq *batch)
     return n ? nbd_sendv(c, iov, n) : 0;
 }
 
-/* Queues r's reply; the slot is released once the reply is written.  The
- * first thread to find the connection idle sends until the queue is
- * empty (flat combining), the others return at once. */
-static void queue_reply(NbdConn *c, NbdReq *r)
+/* Queues the replies of the list first..last (linked by next_send); the
+ * slots are released once the replies are written.  The first thread to
+ * find the connection idle sends until the queue is empty (flat
+ * combining), the others return at once. */
+static void queue_replies(NbdConn *c, NbdReq *first, NbdReq *last)
 {
-    r->next_send = NULL;
+    last->next_send = NULL;
     pthread_mutex_lock(&c->send_lock);
     if (c->sendq_tail) {
-        c->sendq_tail->next_send = r;
+        c->sendq_tail->next_send = first;
     } else {
-        c->sendq_head = r;
+        c->sendq_head = first;
     }
-    c->sendq_tail = r;
+    c->sendq_tail = last;
     if (c->sending) {
         pthread_mutex_unlock(&c->send_lock);
         return;
@@ -173,24 +194,25 @@ static void queue_reply(NbdConn *c, NbdReq *r)
         }
         pthread_mutex_lock(&c->send_lock);
         c->send_failed |= failed;
-        bool last = !c->sendq_head;
-        if (last) {
+        bool last_batch = !c->sendq_head;
+        if (last_batch) {
             c->sending = false;
         }
         pthread_mutex_unlock(&c->send_lock);
         /* Releasing the slots may let the connection be freed: after the
          * last batch, c must not be touched again.  While more replies
          * are queued their slots keep it alive. */
-        while (batch) {
-            NbdReq *next = batch->next_send;
-            put_slot(batch);
-            batch = next;
-        }
-        if (last) {
+        put_slots(batch);
+        if (last_batch) {
             return;
         }
         pthread_mutex_lock(&c->send_lock);
     }
+}
+
+static void queue_reply(NbdConn *c, NbdReq *r)
+{
+    queue_replies(c, r, r);
 }
 
 static void set_reply1(NbdReq *r, void *a, size_t alen)
@@ -263,30 +285,40 @@ static int block_status(NbdExport *exp, int64_t off, int64_t bytes,
     return ret;
 }
 
-static void do_read(NbdConn *c, NbdReq *r)
+/* Builds the reply of a READ.  With nowait (LAM_REQ_NOWAIT) it may
+ * instead return -EAGAIN, with no reply built: the request must then be
+ * run without it. */
+static int do_read(NbdConn *c, NbdReq *r, int nowait)
 {
     NbdExport *exp = c->exp;
+    if (nowait && c->structured && r->len >= NBD_SPARSE_MIN &&
+        !(r->flags & NBD_CMD_FLAG_DF)) {
+        return -EAGAIN; /* hole detection does status lookups that may wait */
+    }
     int ret = ensure_buf(r, r->len);
     if (ret < 0) {
         send_status(c, r, ret);
-        return;
+        return 0;
     }
     if (r->len == 0) {
         send_status(c, r, 0);
-        return;
+        return 0;
     }
     if (!c->structured) {
-        ret = lam_co_pread(exp->root, r->offset, r->len, r->buf, 0);
+        ret = lam_co_pread(exp->root, r->offset, r->len, r->buf, nowait);
+        if (ret == -EAGAIN && nowait) {
+            return ret;
+        }
         if (ret < 0) {
             send_status(c, r, ret);
-            return;
+            return 0;
         }
         uint8_t *h = r->rhdr;
         nbd_put32(h, NBD_SIMPLE_REPLY_MAGIC);
         nbd_put32(h + 4, 0);
         nbd_put64(h + 8, r->cookie);
         set_reply2(r, h, NBD_SIMPLE_REPLY_SIZE, r->buf, r->len);
-        return;
+        return 0;
     }
 
     /* Structured: split into data and hole extents. */
@@ -332,10 +364,13 @@ static void do_read(NbdConn *c, NbdReq *r)
     for (int i = 0; i < n; i++) {
         if (!ext[i].hole) {
             ret = lam_co_pread(exp->root, r->offset + ext[i].start, ext[i].len,
-                               r->buf + ext[i].start, 0);
+                               r->buf + ext[i].start, nowait);
+            if (ret == -EAGAIN && nowait) {
+                return ret;
+            }
             if (ret < 0) {
                 send_status(c, r, ret);
-                return;
+                return 0;
             }
         }
     }
@@ -358,6 +393,7 @@ static void do_read(NbdConn *c, NbdReq *r)
         }
     }
     r->rniov = niov;
+    return 0;
 }
 
 /* One BLOCK_STATUS chunk payload for a context into buf (4 + 8n bytes). */
@@ -462,10 +498,11 @@ static int do_cache(NbdConn *c, NbdReq *r)
     return ret;
 }
 
-static void req_run(LamTask *t)
+/* Executes r and builds its reply.  nowait is 0 or LAM_REQ_NOWAIT (READ
+ * and WRITE only): then it returns -EAGAIN, with nothing done, when the
+ * request would have to wait; otherwise 0. */
+static int req_exec(NbdConn *c, NbdReq *r, int nowait)
 {
-    NbdReq *r = container_of(t, NbdReq, task);
-    NbdConn *c = r->conn;
     NbdExport *exp = c->exp;
     int wflags = (r->flags & NBD_CMD_FLAG_FUA) || exp->writethrough
                      ? LAM_REQ_FUA : 0;
@@ -473,10 +510,13 @@ static void req_run(LamTask *t)
 
     switch (r->type) {
     case NBD_CMD_READ:
-        do_read(c, r);
-        break;
+        return do_read(c, r, nowait);
     case NBD_CMD_WRITE:
-        ret = lam_co_pwrite(exp->root, r->offset, r->len, r->buf, wflags);
+        ret = lam_co_pwrite(exp->root, r->offset, r->len, r->buf,
+                            wflags | nowait);
+        if (ret == -EAGAIN && nowait) {
+            return ret;
+        }
         send_status(c, r, ret == -ENOTSUP ? -EINVAL : ret);
         break;
     case NBD_CMD_FLUSH:
@@ -511,7 +551,14 @@ static void req_run(LamTask *t)
         do_block_status(c, r);
         break;
     }
-    queue_reply(c, r);
+    return 0;
+}
+
+static void req_run(LamTask *t)
+{
+    NbdReq *r = container_of(t, NbdReq, task);
+    req_exec(r->conn, r, 0);
+    queue_reply(r->conn, r);
 }
 
 /* ---- connection thread ---- */
@@ -567,12 +614,48 @@ static int validate(NbdConn *c, NbdReq *r)
     return 0;
 }
 
+/* Replies of requests the connection thread served itself: they go out
+ * together, in one sendmsg, before the thread waits for anything (input,
+ * a slot, a blocking request) or when NBD_BATCH_MAX have gathered. */
+typedef struct ReplyBatch {
+    NbdReq *head, *tail;
+    int n;
+} ReplyBatch;
+
+static void batch_add(ReplyBatch *b, NbdReq *r)
+{
+    r->next_send = NULL;
+    if (b->tail) {
+        b->tail->next_send = r;
+    } else {
+        b->head = r;
+    }
+    b->tail = r;
+    b->n++;
+}
+
+static void batch_flush(NbdConn *c, ReplyBatch *b)
+{
+    if (b->n) {
+        queue_replies(c, b->head, b->tail);
+        b->head = b->tail = NULL;
+        b->n = 0;
+    }
+}
+
 void nbd_transmission(NbdConn *c)
 {
     uint32_t inline_max = c->inline_max;
+    int batch_max = c->batch_max;
+    size_t spread_bytes = (size_t)c->spread_min * NBD_REQUEST_SIZE;
+    ReplyBatch batch = { NULL, NULL, 0 };
     bool hard = true; /* all exits but NBD_CMD_DISC drop the client */
+    atomic_fetch_add(&nbd_srv.tx_conns, 1);
     for (;;) {
         uint8_t h[NBD_REQUEST_SIZE];
+        if (c->rpos + sizeof(h) > c->rlen) {
+            batch_flush(c, &batch); /* recv() may sleep */
+        }
         if (nbd_read(c, h, sizeof(h)) < 0) {
             break;
         }
@@ -594,7 +677,12 @@ void nbd_transmission(NbdConn *c)
             len <= NBD_MAX_PAYLOAD) {
             charge = len;
         }
-        NbdReq *r = get_slot(c, charge);
+        NbdReq *r = get_slot(c, charge, false);
+        if (!r) {
+            /* Our own unsent replies may hold the slots we wait for. */
+            batch_flush(c, &batch);
+            r = get_slot(c, charge, true);
+        }
         r->flags = flags;
         r->type = type;
         r->cookie = nbd_get64(h + 8);
@@ -602,6 +690,9 @@ void nbd_transmission(NbdConn *c)
         r->len = len;
         int err = 0;
         if (type == NBD_CMD_WRITE) {
+            if (c->rlen - c->rpos < len) {
+                batch_flush(c, &batch);
+            }
             err = ensure_buf(r, len);
             if (err < 0 ? nbd_skip(c, len) < 0
                         : nbd_read(c, r->buf, len) < 0) {
@@ -614,25 +705,49 @@ void nbd_transmission(NbdConn *c)
         }
         if (err < 0) {
             send_status(c, r, err);
-            queue_reply(c, r);
+            batch_add(&batch, r);
+            continue;
+        }
+        bool small = len <= inline_max &&
+                     (type == NBD_CMD_READ ||
+                      (type == NBD_CMD_WRITE && !(flags & NBD_CMD_FLAG_FUA) &&
+                       !c->exp->writethrough));
+        /* Page-cache hits are served here: handing them to a worker costs
+         * more (a wake-up and two context switches) than the copy.  Unless
+         * a backlog of requests waits here and there are fewer clients
+         * than CPUs (see NBD_SPREAD_MIN); writes don't gain (the file
+         * system serialises buffered writes to a file). */
+        if (small && type == NBD_CMD_READ && spread_bytes &&
+            c->rlen - c->rpos >= spread_bytes &&
+            atomic_load_explicit(&nbd_srv.tx_conns, memory_order_relaxed) < nbd_srv.ncpus) {
+            small = false;
+        }
+        if (small && req_exec(c, r, LAM_REQ_NOWAIT) == 0) {
+            batch_add(&batch, r);
+            if (batch.n >= batch_max) {
+                batch_flush(c, &batch);
+            }
             continue;
         }
         r->task.fn = req_run;
-        if ((c->rpos == c->rlen && len <= inline_max &&
-             !(flags & NBD_CMD_FLAG_FUA) && !c->exp->writethrough &&
-             (type == NBD_CMD_READ || type == NBD_CMD_WRITE)) ||
+        if ((small && c->rpos == c->rlen) ||
             lam_threadpool_submit(nbd_srv.pool, &r->task) < 0) {
             /* Nothing more buffered: this thread would only sleep in
              * recv(), so it serves the request itself instead of paying
              * for waking a worker (not FUA writes: a flush can take long). */
-            req_run(&r->task);
+            batch_flush(c, &batch);
+            req_exec(c, r, 0);
+            batch_add(&batch, r);
         }
     }
+    atomic_fetch_sub(&nbd_srv.tx_conns, 1);
     if (hard) {
         /* Nobody will read further replies reliably: make a sender that
          * is blocked on this socket fail now rather than at the timeout. */
         shutdown(c->fd, SHUT_RDWR);
     }
+    /* After a hard exit these sends fail at once; the slots are freed. */
+    batch_flush(c, &batch);
     /* Every in-flight request finishes before the export is released. */
     pthread_mutex_lock(&c->lock);
     while (c->in_flight > 0) {

@@ -6,7 +6,8 @@
  *   control thread: lam_nbd_* API (graph changes: root attach/detach)
  *   accept threads: one per listening socket; create connections
  *   connection threads: one per client: handshake, then reads requests
- *   pool workers: execute requests and send their replies
+ *     and serves those that need not wait (page-cache hits) itself
+ *   pool workers: execute the other requests and send their replies
  *
  * LOCK ORDER (outer to inner): nbd_srv.lock -> conn->lock -> conn->send_lock.
  * No lock is held across block-layer I/O.
@@ -15,6 +16,7 @@
 #define LAMINA_NBD_INT_H
 
 #include <pthread.h>
+#include <stdatomic.h>
 #include <stdbool.h>
 #include <stddef.h>
 #include <stdint.h>
@@ -79,6 +81,16 @@ typedef struct NbdReq {
 /* Requests up to this size are served by the connection thread when it
  * has nothing else buffered (it would only sleep in recv otherwise). */
 #define NBD_INLINE_MAX (64u * 1024)
+/* Most replies of requests served by the connection thread itself that
+ * wait to go out in one sendmsg (fewer make the client see them sooner). */
+#define NBD_BATCH_MAX 8
+/* A connection thread with at least this many more requests already
+ * received hands a cached READ to the pool rather than serve it, when
+ * there are fewer connections than CPUs: a backlog is then worth a core
+ * that no connection thread uses (a worker) more than the wake-up it
+ * costs.  With as many clients as CPUs, their threads keep the CPUs busy
+ * and handing off only adds cost (measured: -30 % IOPS). */
+#define NBD_SPREAD_MIN 6
 /* A client that does not read its replies for this long is dropped, so
  * its requests stop holding pool workers. */
 #define NBD_SEND_TIMEOUT_S 30
@@ -89,6 +101,8 @@ struct NbdConn {
     NbdExport *exp;      /* set by GO/EXPORT_NAME; counted in exp->nconns */
     uint32_t max_conns;  /* server setting at accept time */
     uint32_t inline_max; /* largest READ/WRITE served by this thread itself */
+    int batch_max;       /* replies of served requests sent together */
+    int spread_min;      /* backlog (in requests) that spreads READs */
 
     /* Negotiated state (connection thread only until transmission). */
     bool no_zeroes;
@@ -156,6 +170,11 @@ typedef struct NbdServer {
     unsigned handshake_ms;
     unsigned send_timeout_ms;
     uint32_t inline_max;
+    int batch_max;
+    int spread_min;
+    int ncpus;
+    /* Connection threads in transmission (atomic, no lock). */
+    _Atomic int tx_conns;
 } NbdServer;
 
 extern NbdServer nbd_srv;

@@ -26,6 +26,8 @@ NbdServer nbd_srv = {
     .handshake_ms = 10000,
     .send_timeout_ms = NBD_SEND_TIMEOUT_S * 1000,
     .inline_max = NBD_INLINE_MAX,
+    .batch_max = NBD_BATCH_MAX,
+    .spread_min = NBD_SPREAD_MIN,
 };
 
 #define NBD_POOL_THREADS 256
@@ -122,6 +124,8 @@ static void conn_start_locked(int fd)
     c->rbuf = rbuf;
     c->max_conns = nbd_srv.max_connections;
     c->inline_max = nbd_srv.inline_max;
+    c->batch_max = nbd_srv.batch_max;
+    c->spread_min = nbd_srv.spread_min;
     struct timeval tv = { .tv_sec = nbd_srv.send_timeout_ms / 1000,
                           .tv_usec = (nbd_srv.send_timeout_ms % 1000) * 1000 };
     setsockopt(fd, SOL_SOCKET, SO_SNDTIMEO, &tv, sizeof(tv));
@@ -366,6 +370,16 @@ static int start(const char *type, const char *host, const char *port,
     env = getenv("LAMINA_NBD_INLINE_MAX"); /* 0 = always use the pool */
     if (env) {
         nbd_srv.inline_max = (uint32_t)atoi(env);
+    }
+    env = getenv("LAMINA_NBD_SPREAD"); /* 0 = never spread a backlog */
+    if (env) {
+        nbd_srv.spread_min = atoi(env);
+    }
+    long ncpus = sysconf(_SC_NPROCESSORS_ONLN);
+    nbd_srv.ncpus = ncpus > 0 ? (int)ncpus : 1;
+    env = getenv("LAMINA_NBD_BATCH"); /* 1 = send every reply at once */
+    if (env && atoi(env) > 0) {
+        nbd_srv.batch_max = atoi(env);
     }
     env = getenv("LAMINA_NBD_SEND_TIMEOUT_MS");
     if (env && atoi(env) > 0) {

@@ -203,6 +203,11 @@ found:
     return 0;
 }
 
+bool qc_cache_has(Qcow2Cache *c, uint64_t offset)
+{
+    return offset && find(c, offset);
+}
+
 static Qcow2CacheEntry *by_data(Qcow2Cache *c, uint8_t *table)
 {
     if (c->hint < c->n && c->e[c->hint].data == table) {

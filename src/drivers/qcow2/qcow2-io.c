@@ -2,12 +2,15 @@
  * writes, discard, block status, metadata preallocation.
  *
  * The metadata lock is held for lookups and mapping changes only.  Data
- * I/O on an existing mapping runs unlocked and is registered as an IO
- * in-flight entry so that a cluster dropped from the mapping is not
- * released while that I/O may still touch it (I5).  Changes of the
- * mapping of a guest range (allocation, zeroing, discard, compressed
- * writes) register an ALLOC entry and wait for older overlapping ones, so
- * a guest cluster is never allocated twice. */
+ * I/O on an existing mapping runs unlocked and is counted (reads, in-place
+ * overwrites: io_enter) or registered as an IO in-flight entry (copy
+ * offload) so that a cluster dropped from the mapping is not released
+ * while that I/O may still touch it (I5).  Changes of the mapping of a
+ * guest range (allocation, zeroing, discard, compressed writes) register
+ * an ALLOC entry and wait for older overlapping ones, so a guest cluster
+ * is never allocated twice.  LAM_REQ_NOWAIT requests take the lock only if
+ * it is free and the L2 table cached, and serve only what needs no more
+ * (see qc_preadv, qc_pwritev). */
 #include <errno.h>
 #include <stdlib.h>
 #include <string.h>
@@ -74,23 +77,65 @@ static bool wait_alloc_conflicts(Qcow2State *s, Qcow2Inflight *e)
     }
 }
 
+/* ---- counted data I/O (I5) ----
+ * The hot paths (reads, in-place overwrites) don't put entries on the
+ * in-flight list: io_enter, under the lock right after the lookup, counts
+ * the I/O in the current phase; io_leave is one atomic.  A grace period
+ * flips the phase under the lock and waits for the old phase to drain:
+ * an I/O that looked up a mapping before the mapping changed entered
+ * before the flip, in the old phase.  Grace periods run one at a time;
+ * two overlapping ones would flip back into a phase the first still
+ * waits for. */
+
+static unsigned io_enter(Qcow2State *s)
+{
+    unsigned p = atomic_load(&s->io_phase) & 1;
+    atomic_fetch_add(&s->io_count[p], 1);
+    return p;
+}
+
+static void io_leave(Qcow2State *s, unsigned p)
+{
+    if (atomic_fetch_sub(&s->io_count[p], 1) == 1 &&
+        atomic_load(&s->io_waiters) > 0) {
+        /* The waiter holds the lock until it sleeps: taking it here
+         * orders this wake-up after its check. */
+        pthread_mutex_lock(&s->lock);
+        pthread_cond_broadcast(&s->inflight_cond);
+        pthread_mutex_unlock(&s->lock);
+    }
+}
+
+/* Waits (lock held, released while sleeping) until no data I/O that
+ * started before the call can still use a mapping of guest clusters
+ * [a, b): list entries (copy offload) older than seq and overlapping, and
+ * every counted I/O. */
 void qc_wait_grace(Qcow2State *s, int64_t a, int64_t b, uint64_t seq)
 {
     for (;;) {
-        bool busy = false;
-        for (Qcow2Inflight *x = s->inflight; x; x = x->next) {
+        bool busy = s->grace_busy;
+        for (Qcow2Inflight *x = s->inflight; x && !busy; x = x->next) {
             if (x->kind == QC_INFLIGHT_IO && x->seq < seq && overlaps(x, a, b)) {
                 busy = true;
-                break;
             }
         }
         if (!busy) {
-            return;
+            break;
         }
         s->inflight_waiters++;
         pthread_cond_wait(&s->inflight_cond, &s->lock);
         s->inflight_waiters--;
     }
+    s->grace_busy = true;
+    unsigned old = atomic_load(&s->io_phase) & 1;
+    atomic_store(&s->io_phase, old ^ 1);
+    atomic_fetch_add(&s->io_waiters, 1);
+    while (atomic_load(&s->io_count[old]) != 0) {
+        pthread_cond_wait(&s->inflight_cond, &s->lock);
+    }
+    atomic_fetch_sub(&s->io_waiters, 1);
+    s->grace_busy = false;
+    pthread_cond_broadcast(&s->inflight_cond);
 }
 
 /* The part [pos, pos+len) of qiov: qiov itself when that is all of it
@@ -211,28 +256,64 @@ static int revalidate_backing_read(LamNode *bs, int64_t off, int64_t run, LamIOV
     return 0;
 }
 
+/* Whether a lookup of guest offset off can be answered without reading
+ * an L2 table from the file.  Lock held. */
+static bool l2_cached(Qcow2State *s, int64_t off)
+{
+    int64_t l1_idx = off >> (s->cluster_bits + s->l2_bits);
+    if (l1_idx >= s->l1_size) {
+        return true;
+    }
+    uint64_t l2_off = s->l1[l1_idx] & QCOW2_L1_OFFSET_MASK;
+    return !l2_off || qc_cache_has(s->l2_cache, l2_off);
+}
+
+/* The metadata lock for a lookup at off.  NOWAIT (nowait true): only if
+ * it is free and the lookup needs no I/O, else -EAGAIN with the lock not
+ * held. */
+static int lock_for_lookup(Qcow2State *s, int64_t off, bool nowait)
+{
+    if (!nowait) {
+        pthread_mutex_lock(&s->lock);
+        return 0;
+    }
+    if (pthread_mutex_trylock(&s->lock) != 0) {
+        return -EAGAIN;
+    }
+    if (!l2_cached(s, off)) {
+        pthread_mutex_unlock(&s->lock);
+        return -EAGAIN;
+    }
+    return 0;
+}
+
 int qc_preadv(LamNode *bs, int64_t off, int64_t bytes, LamIOV *qiov, int flags)
 {
     Qcow2State *s = bs->opaque;
     size_t pos = 0;
     uint8_t *cbuf = NULL;
     int ret = 0;
+    int nowait = flags & LAM_REQ_NOWAIT;
     while (bytes > 0) {
         int64_t run;
         uint64_t entry;
-        Qcow2Inflight io;
-        pthread_mutex_lock(&s->lock);
+        ret = lock_for_lookup(s, off, nowait);
+        if (ret < 0) {
+            break;
+        }
         uint64_t gen = atomic_load(&s->map_gen);
         int type = qc_lookup(s, off, bytes, &run, &entry);
+        if (type >= 0 && nowait && type != QC_NORMAL && type != QC_ZERO_PLAIN &&
+            type != QC_ZERO_ALLOC && (type != QC_UNALLOC || lam_node_backing(bs))) {
+            type = -EAGAIN; /* backing file, decompression: may wait */
+        }
         if (type < 0) {
             pthread_mutex_unlock(&s->lock);
             ret = type;
             break;
         }
         bool reg = type == QC_NORMAL || type == QC_COMPRESSED;
-        if (reg) {
-            inflight_add(s, &io, off, run, QC_INFLIGHT_IO);
-        }
+        unsigned phase = reg ? io_enter(s) : 0;
         pthread_mutex_unlock(&s->lock);
         switch (type) {
         case QC_UNALLOC:
@@ -249,7 +330,7 @@ int qc_preadv(LamNode *bs, int64_t off, int64_t bytes, LamIOV *qiov, int flags)
             LamIOV sub, *v = sub_iov(&sub, qiov, pos, run);
             ret = lam_co_preadv(s->file,
                                 (int64_t)(entry & QCOW2_L2_OFFSET_MASK) + (off & (s->cluster_size - 1)),
-                                run, v, 0);
+                                run, v, nowait);
             if (v == &sub) {
                 lam_iov_destroy(&sub);
             }
@@ -267,9 +348,7 @@ int qc_preadv(LamNode *bs, int64_t off, int64_t bytes, LamIOV *qiov, int flags)
             break;
         }
         if (reg) {
-            pthread_mutex_lock(&s->lock);
-            inflight_del(s, &io);
-            pthread_mutex_unlock(&s->lock);
+            io_leave(s, phase);
         }
         if (ret < 0) {
             break;
@@ -573,12 +652,23 @@ int qc_pwritev(LamNode *bs, int64_t off, int64_t bytes, LamIOV *qiov, int flags)
     }
     size_t pos = 0;
     int ret = 0;
+    int nowait = flags & LAM_REQ_NOWAIT;
     while (bytes > 0 && ret == 0) {
         int64_t run;
         uint64_t entry;
         Qcow2Inflight e;
-        pthread_mutex_lock(&s->lock);
+        ret = lock_for_lookup(s, off, nowait);
+        if (ret < 0) {
+            return ret;
+        }
         int type = qc_lookup(s, off, bytes, &run, &entry);
+        if (nowait && type >= 0 &&
+            !(type == QC_NORMAL && (entry & QCOW2_OFLAG_COPIED) && run == bytes)) {
+            /* Only an overwrite in place, in one piece: allocation waits
+             * for metadata I/O, and a retry must find nothing changed. */
+            pthread_mutex_unlock(&s->lock);
+            return -EAGAIN;
+        }
         const char *meta = NULL;
         if (type == QC_NORMAL && (entry & QCOW2_OFLAG_COPIED)) {
             meta = overlaps_metadata(s, (int64_t)(entry & QCOW2_L2_OFFSET_MASK),
@@ -591,17 +681,20 @@ int qc_pwritev(LamNode *bs, int64_t off, int64_t bytes, LamIOV *qiov, int flags)
             }
         }
         if (type == QC_NORMAL && (entry & QCOW2_OFLAG_COPIED)) {
-            inflight_add(s, &e, off, run, QC_INFLIGHT_IO);
+            unsigned phase = io_enter(s);
             pthread_mutex_unlock(&s->lock);
             LamIOV sub, *v = sub_iov(&sub, qiov, pos, run);
             ret = lam_co_pwritev(s->file,
                                  (int64_t)(entry & QCOW2_L2_OFFSET_MASK) + (off & (s->cluster_size - 1)),
-                                 run, v, 0);
+                                 run, v, nowait);
             if (v == &sub) {
                 lam_iov_destroy(&sub);
             }
-            pthread_mutex_lock(&s->lock);
-            inflight_del(s, &e);
+            io_leave(s, phase);
+            off += run;
+            pos += (size_t)run;
+            bytes -= run;
+            continue;
         } else if (type >= 0) {
             inflight_add(s, &e, off, run, QC_INFLIGHT_ALLOC);
             if (wait_alloc_conflicts(s, &e)) {

@@ -23,7 +23,7 @@
  *  Qcow2State.lock (the metadata lock) protects L1, both caches, the
  *  refcount table, allocation state, the in-flight list and the header.
  *  Reads and overwrites of allocated clusters hold it only for the lookup;
- *  the data I/O runs unlocked, registered as an IO in-flight entry.
+ *  the data I/O runs unlocked, counted per grace phase (qcow2-io.c).
  *  Allocating writes register an ALLOC entry per guest cluster range;
  *  a later ALLOC overlapping it waits, so one guest cluster is never
  *  allocated twice.  Lock order: core locks -> s->lock; no other lock of
@@ -917,7 +917,8 @@ const LamDriver lam_drv_qcow2 = {
     .state_size = sizeof(Qcow2State),
     .supports_backing = true,
     .revalidates_backing_reads = true,
-    .supported_write_flags = LAM_REQ_WRITE_COMPRESSED,
+    .supported_write_flags = LAM_REQ_WRITE_COMPRESSED | LAM_REQ_NOWAIT,
+    .supported_read_flags = LAM_REQ_NOWAIT,
     .supported_zero_flags = LAM_REQ_MAY_UNMAP | LAM_REQ_NO_FALLBACK,
     .option_names = qcow2_options,
     .probe = qcow2_probe,

@@ -107,6 +107,15 @@ typedef struct Qcow2State {
     uint64_t bitmaps_dir_offset, bitmaps_dir_size;
     uint32_t nb_bitmaps;
 
+    /* Reads and in-place overwrites count their data I/O (I5) in
+     * io_count[io_phase], entered under `lock` with the lookup and left
+     * with one atomic (qcow2-io.c: io_enter/io_leave).  qc_wait_grace
+     * flips io_phase under the lock and waits for the old counter to
+     * drain; io_waiters tells the last one out to wake it. */
+    _Atomic unsigned io_phase;
+    _Atomic long io_count[2];
+    _Atomic int io_waiters;
+
     /* Everything below is protected by `lock`: the metadata lock.  It is
      * held for lookups and mapping changes, never across guest data I/O
      * of reads or in-place overwrites. */
@@ -115,6 +124,7 @@ typedef struct Qcow2State {
     Qcow2Inflight *inflight;
     uint64_t inflight_seq;
     int inflight_waiters;
+    bool grace_busy;           /* a qc_wait_grace is waiting for io_count */
     /* Bumped (under lock) before any L2 entry changes; read without the
      * lock by reads that fell through to the backing file, to learn that
      * the mapping may have changed under them (driver.h "Backing
@@ -172,6 +182,8 @@ void qc_cache_free(Qcow2Cache *c);
 int qc_cache_get(Qcow2State *s, Qcow2Cache *c, uint64_t offset, bool fresh,
                  uint8_t **table);
 void qc_cache_put(Qcow2Cache *c, uint8_t *table);
+/* Whether the table at offset is cached (a get would do no I/O). */
+bool qc_cache_has(Qcow2Cache *c, uint64_t offset);
 void qc_cache_mark_dirty(Qcow2Cache *c, uint8_t *table);
 /* Writes all dirty tables, honouring the flush order (L2 after refcounts
  * and a flush of the file). */

@@ -2,8 +2,15 @@
  * several client threads pipeline writes and reads to disjoint ranges of
  * a raw file export over a UNIX socket and verify every reply; then the
  * export is removed (hard) while a client is still connected, and the
- * server shuts down.  TAP output. */
+ * server shuts down.  A burst client sends many requests before reading
+ * any reply, with replies batched up to 64 (more than the connection's
+ * request slots) and the image evicted from the page cache: the
+ * connection thread must send its batch before it waits for a slot or
+ * for input, and reads that miss the page cache must fall back to the
+ * blocking path with the right data.  A lone client's backlog of cached
+ * reads is partly handed to workers (LAMINA_NBD_SPREAD).  TAP output. */
 #include <errno.h>
+#include <fcntl.h>
 #include <stdint.h>
 #include <pthread.h>
 #include <stdatomic.h>
@@ -17,6 +24,7 @@
 #include "lamina/block.h"
 #include "lamina/events.h"
 #include "nbd/nbd-proto.h"
+#include "nbd/nbd-int.h"
 #include "nbd/nbd.h"
 
 #define NCLIENTS 4
@@ -223,10 +231,129 @@ static void *client(void *opaque)
     return (void *)bad;
 }
 
+#define BURST 64
+
+/* BURST writes then BURST reads of client 0's region, each burst sent
+ * whole before any reply is read. */
+static int burst_client(void)
+{
+    int fd = client_connect();
+    if (fd < 0) {
+        return 1;
+    }
+    int bad = 0;
+    uint8_t *pattern = malloc(REGION);
+    for (int i = 0; i < REGION; i++) {
+        pattern[i] = (uint8_t)(0 * 31 + i / REQ); /* client 0's data */
+    }
+    uint8_t *out = malloc((size_t)BURST * (28 + REQ));
+    /* Reads of evicted data first: they miss the page cache. */
+    for (int i = 0; i < BURST; i++) {
+        request(out + 28 * i, NBD_CMD_READ, i, (uint64_t)i * REQ, REQ);
+    }
+    if (full_io(fd, out, 28 * BURST, 1) < 0) {
+        bad = 2;
+    }
+    for (int i = 0; i < BURST && !bad; i++) {
+        int err;
+        if (read_reply(fd, pattern, &err) < 0 || err) {
+            bad = 3;
+        }
+    }
+    /* Writes of a new pattern, then the same reads again. */
+    for (int i = 0; i < REGION; i++) {
+        pattern[i] = (uint8_t)(0x5a ^ i ^ (i / REQ));
+    }
+    size_t n = 0;
+    for (int i = 0; i < BURST; i++) {
+        request(out + n, NBD_CMD_WRITE, i, (uint64_t)i * REQ, REQ);
+        memcpy(out + n + 28, pattern + (size_t)i * REQ, REQ);
+        n += 28 + REQ;
+    }
+    if (!bad && full_io(fd, out, n, 1) < 0) {
+        bad = 4;
+    }
+    for (int i = 0; i < BURST && !bad; i++) {
+        int err;
+        if (read_reply(fd, pattern, &err) < 0 || err) {
+            bad = 5;
+        }
+    }
+    for (int i = 0; i < BURST; i++) {
+        request(out + 28 * i, NBD_CMD_READ, i, (uint64_t)i * REQ, REQ);
+    }
+    if (!bad && full_io(fd, out, 28 * BURST, 1) < 0) {
+        bad = 6;
+    }
+    for (int i = 0; i < BURST && !bad; i++) {
+        int err;
+        if (read_reply(fd, pattern, &err) < 0 || err) {
+            bad = 7;
+        }
+    }
+    request(out, NBD_CMD_DISC, 0, 0, 0);
+    full_io(fd, out, 28, 1);
+    close(fd);
+    free(out);
+    free(pattern);
+    if (bad) {
+        printf("# burst client failed at step %d\n", bad);
+    }
+    return bad;
+}
+
+/* Writes BURST blocks at base (so they are cached), then sends BURST reads
+ * of them at once; returns 0 if every reply is right. */
+static int cached_burst_client(uint64_t base)
+{
+    int fd = client_connect();
+    if (fd < 0) {
+        return 1;
+    }
+    int bad = 0;
+    uint8_t *pattern = malloc(REGION);
+    for (int i = 0; i < REGION; i++) {
+        pattern[i] = (uint8_t)(0xc3 ^ (i / REQ) ^ i);
+    }
+    uint8_t h[28];
+    for (int i = 0; i < BURST && !bad; i++) {
+        int err;
+        request(h, NBD_CMD_WRITE, i, base + (uint64_t)i * REQ, REQ);
+        if (full_io(fd, h, 28, 1) < 0 ||
+            full_io(fd, pattern + (size_t)i * REQ, REQ, 1) < 0 ||
+            read_reply(fd, pattern, &err) < 0 || err) {
+            bad = 1;
+        }
+    }
+    uint8_t *out = malloc(28 * BURST);
+    for (int i = 0; i < BURST; i++) {
+        request(out + 28 * i, NBD_CMD_READ, i, base + (uint64_t)i * REQ, REQ);
+    }
+    if (!bad && full_io(fd, out, 28 * BURST, 1) < 0) {
+        bad = 2;
+    }
+    for (int i = 0; i < BURST && !bad; i++) {
+        int err;
+        if (read_reply(fd, pattern, &err) < 0 || err) {
+            bad = 3;
+        }
+    }
+    request(h, NBD_CMD_DISC, 0, 0, 0);
+    full_io(fd, h, 28, 1);
+    close(fd);
+    free(out);
+    free(pattern);
+    return bad;
+}
+
 int main(void)
 {
     lam_progname = "test-nbd-server";
     lam_event_set_sink(sink);
+    /* Bigger reply batches than request slots (see burst_client). */
+    setenv("LAMINA_NBD_BATCH", "64", 1);
+    /* Any backlog of a lone client is spread to the pool (if CPUs > 1). */
+    setenv("LAMINA_NBD_SPREAD", "1", 1);
     char dir[] = "/tmp/lamina-nbd-XXXXXX";
     if (!mkdtemp(dir)) {
         perror("mkdtemp");
@@ -258,6 +385,17 @@ int main(void)
         err = NULL;
     }
 
+    /* A lone client's backlog of cached reads: the connection thread
+     * serves some and hands the rest to workers (the pool's first
+     * threads: writes of whole pages and cached reads need none). */
+    int before = lam_threadpool_nthreads(nbd_srv.pool);
+    ok(cached_burst_client(0) == 0, "burst of cached reads from one client");
+    if (sysconf(_SC_NPROCESSORS_ONLN) > 1 && before == 0) {
+        ok(lam_threadpool_nthreads(nbd_srv.pool) > 0, "its backlog was spread to workers");
+    } else {
+        ok(1, "# SKIP one CPU or workers already running");
+    }
+
     pthread_t th[NCLIENTS];
     for (int i = 0; i < NCLIENTS; i++) {
         pthread_create(&th[i], NULL, client, (void *)(intptr_t)i);
@@ -269,6 +407,14 @@ int main(void)
         good += r == NULL;
     }
     ok(good == NCLIENTS, "all clients wrote and read back their ranges");
+
+    int efd = open(img, O_RDONLY);
+    if (efd >= 0) {
+        fsync(efd);
+        posix_fadvise(efd, 0, 0, POSIX_FADV_DONTNEED);
+        close(efd);
+    }
+    ok(burst_client() == 0, "bursts of requests beyond the slots, evicted data");
 
     /* A connected client: safe delete refuses, hard delete drops it. */
     int fd = client_connect();
