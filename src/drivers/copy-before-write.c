@@ -334,6 +334,15 @@ static int cbw_preadv(LamNode *bs, int64_t off, int64_t bytes, LamIOV *qiov, int
 static int cbw_pwritev(LamNode *bs, int64_t off, int64_t bytes, LamIOV *qiov, int flags)
 {
     CbwState *s = bs->opaque;
+    if (flags & LAM_REQ_NOWAIT) {
+        /* Served without waiting only where no copy is due: the rest
+         * copies first, on a thread that may wait. */
+        bool skip = (flags & LAM_REQ_WRITE_UNCHANGED) || atomic_load(&s->snapshot_broken);
+        if (!skip && lam_block_copy_needs_copy(s->bcs, off, bytes)) {
+            return -EAGAIN;
+        }
+        return lam_co_pwritev(s->file, off, bytes, qiov, flags);
+    }
     int ret = cbw_before_write(s, off, bytes, flags);
     if (ret < 0) {
         return ret;
@@ -426,7 +435,8 @@ const LamDriver lam_drv_copy_before_write = {
     .name = "copy-before-write",
     .kind = LAM_DRV_FILTER,
     .state_size = sizeof(CbwState),
-    .supported_write_flags = LAM_REQ_FUA,
+    .supported_read_flags = LAM_REQ_NOWAIT,
+    .supported_write_flags = LAM_REQ_FUA | LAM_REQ_NOWAIT,
     .supported_zero_flags = LAM_REQ_FUA | LAM_REQ_MAY_UNMAP | LAM_REQ_NO_FALLBACK,
     .option_names = cbw_options,
     .open = cbw_open,

@@ -73,6 +73,9 @@ struct LamBlockCopy {
     bool bg_err_is_read;
 };
 
+static int64_t copy_unit(LamBlockCopy *s);
+static bool task_overlaps_locked(LamBlockCopy *s, int64_t off, int64_t bytes);
+
 static bool overlap(int64_t a, int64_t alen, int64_t b, int64_t blen)
 {
     return a < b + blen && b < a + alen;
@@ -195,6 +198,24 @@ void lam_block_copy_reset(LamBlockCopy *s, int64_t off, int64_t bytes)
     pthread_mutex_lock(&s->lock);
     lam_bitmap_reset(s->bitmap, off, bytes);
     pthread_mutex_unlock(&s->lock);
+}
+
+bool lam_block_copy_needs_copy(LamBlockCopy *s, int64_t off, int64_t bytes)
+{
+    if (bytes <= 0 || off >= s->len) {
+        return false;
+    }
+    int64_t unit = copy_unit(s);
+    int64_t start = off / unit * unit;
+    int64_t end = (off + bytes + unit - 1) / unit * unit;
+    if (end > s->len) {
+        end = s->len;
+    }
+    pthread_mutex_lock(&s->lock);
+    bool r = lam_bitmap_any(s->bitmap, start, end - start) ||
+             task_overlaps_locked(s, start, end - start);
+    pthread_mutex_unlock(&s->lock);
+    return r;
 }
 
 bool lam_block_copy_is_dirty(LamBlockCopy *s, int64_t off, int64_t bytes)

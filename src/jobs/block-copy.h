@@ -67,6 +67,10 @@ void lam_block_copy_set_progress(LamBlockCopy *s, void (*cb)(void *opaque, int64
                                  void *opaque);
 /* Marks [off, off+bytes) as not needing a copy (sync=top scan, discard). */
 void lam_block_copy_reset(LamBlockCopy *s, int64_t off, int64_t bytes);
+/* Would a write to the range have to copy first (a cluster still to copy,
+ * or a copy of it in flight)?  Lets copy-before-write serve NOWAIT writes
+ * that need no copy. */
+bool lam_block_copy_needs_copy(LamBlockCopy *s, int64_t off, int64_t bytes);
 bool lam_block_copy_is_dirty(LamBlockCopy *s, int64_t off, int64_t bytes);
 /* Removes from the copy bitmap every range not allocated in the source's
  * top layer (sync=top).  Returns bytes removed or -errno. */

@@ -863,6 +863,45 @@ static void test_snapshot_discard(void)
     lam_node_unref(t);
 }
 
+/* NOWAIT writes (the NBD connection thread's fast path) pass the filter
+ * only where no copy is due; elsewhere -EAGAIN sends them to a thread that
+ * copies first. */
+static void test_cbw_nowait(void)
+{
+    make_file("a13", LEN, true);
+    make_file("t13", LEN, false);
+    LamNode *a = open_file("a13", "a13");
+    LamNode *t = open_file("t13", "t13");
+    LamNode *cbw = open_opts(json_pack("{s:s, s:s, s:s, s:s}", "driver", "copy-before-write",
+                                       "node-name", "cbw13", "file", "a13", "target", "t13"));
+    LamChild *guest = lam_root_attach(cbw, "guest", LAM_PERM_CONSISTENT_READ | LAM_PERM_WRITE,
+                                      LAM_PERM_ALL, NULL);
+    LamBlockCopy *bcs = lam_cbw_block_copy(cbw);
+    uint8_t buf[4096];
+    memset(buf, 0x5c, sizeof(buf));
+    int64_t dirty = lam_block_copy_dirty_bytes(bcs);
+    ok(lam_co_pwrite(guest, 0, 4096, buf, LAM_REQ_NOWAIT) == -EAGAIN &&
+           lam_block_copy_dirty_bytes(bcs) == dirty,
+       "NOWAIT write to a range still to copy: -EAGAIN, nothing copied");
+    ok(lam_co_pwrite(guest, 0, 4096, buf, 0) == 0 && lam_block_copy_dirty_bytes(bcs) < dirty,
+       "the same write without NOWAIT copies first");
+    ok(lam_co_pwrite(guest, 0, 4096, buf, LAM_REQ_NOWAIT) == 0,
+       "NOWAIT write to a copied range goes through");
+    uint8_t got[4096];
+    LamChild *tr = lam_root_attach(t, "check", LAM_PERM_CONSISTENT_READ, LAM_PERM_ALL, NULL);
+    LamChild *ar = lam_root_attach(a, "check", LAM_PERM_CONSISTENT_READ, LAM_PERM_ALL, NULL);
+    lam_co_pread(tr, 0, 4096, got, 0);
+    bool old_kept = got[0] != 0x5c;
+    lam_co_pread(ar, 0, 4096, got, 0);
+    ok(old_kept && got[0] == 0x5c, "target kept the old data, source has the new");
+    lam_root_detach(tr);
+    lam_root_detach(ar);
+    lam_root_detach(guest);
+    lam_node_unref(cbw);
+    lam_node_unref(a);
+    lam_node_unref(t);
+}
+
 /* A drained section pauses running jobs and waits for their own I/O. */
 static void test_drain_pauses_jobs(void)
 {
@@ -1043,6 +1082,7 @@ int main(void)
     test_qmp_args();
     test_cbw_timeout();
     test_snapshot_discard();
+    test_cbw_nowait();
     test_drain_pauses_jobs();
     test_big_clusters();
     test_zeroes_stay_sparse();
