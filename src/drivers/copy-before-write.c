@@ -23,7 +23,6 @@
 #include "lamina/driver.h"
 
 #define CBW_DEFAULT_CLUSTER (64 * 1024)
-#define CBW_FINE_GRANULARITY 4096
 
 typedef struct CbwState {
     LamChild *file;
@@ -56,7 +55,7 @@ typedef struct CbwCall {
  * which sets the permissions itself once the filter has its parents. */
 static const char *const cbw_options[] = {
     "file", "target", "bitmap", "on-cbw-error", "cbw-timeout", "min-cluster-size",
-    "x-job-filter", NULL,
+    "x-granularity", "x-job-filter", NULL,
 };
 
 extern const LamDriver lam_drv_copy_before_write;
@@ -104,27 +103,29 @@ static int64_t target_cluster_size(LamNode *target, int64_t min, LamError **errp
     return cs;
 }
 
-/* The unit of copy-before-write.  Copying the whole target cluster
- * around a 4 KiB guest write costs the guest a 64 KiB read and write;
- * a target with no backing file takes a partial cluster as is (the rest
- * reads as zeroes until the background copy or a later write fills it),
- * so only the written range needs copying.  A target with a backing file
- * keeps whole clusters: its driver would fill the rest of a new cluster
- * from the backing file anyway.  An explicit min-cluster-size is honoured
- * as the unit. */
-static int64_t cbw_granularity(CbwState *s, int64_t cs, int64_t min_cluster, int wflags)
+/* The unit of copy-before-write: the target cluster, as in QEMU.  Our
+ * extension x-granularity (a power of two, at least 512 and at most the
+ * cluster) makes a small guest write copy only its own blocks, which a
+ * target without backing file takes as is (the rest of a new cluster
+ * reads as zeroes until filled).  It is not the default: measured side by
+ * side on a 512 MiB disk, 4 KiB units kept 56 % of the guest's write IOPS
+ * against 92 % for whole clusters (each first write to a block copies, and
+ * many more first writes happen; docs/jobs.md).  A target with a backing
+ * file always takes whole clusters (its driver would fill a new cluster
+ * from the backing file anyway), and so does an explicit min-cluster-size. */
+static int64_t cbw_granularity(CbwState *s, int64_t cs, int64_t min_cluster, int wflags,
+                               int64_t want)
 {
-    int64_t gran = CBW_FINE_GRANULARITY;
-    if (min_cluster > 0 || (wflags & LAM_REQ_SERIALISING) ||
+    if (want <= 0 || want >= cs || min_cluster > 0 || (wflags & LAM_REQ_SERIALISING) ||
         next_in_chain(s->target->node)) {
         return cs;
     }
     uint32_t a = lam_node_limits(s->target->node)->request_alignment;
     uint32_t b = lam_node_limits(s->file->node)->request_alignment;
-    if (a > gran || b > gran || gran > cs) {
+    if (a > want || b > want) {
         return cs;
     }
-    return gran;
+    return want;
 }
 
 static int cbw_open(LamNode *bs, json_t *opts, int flags, LamError **errp)
@@ -142,6 +143,7 @@ static int cbw_open(LamNode *bs, json_t *opts, int flags, LamError **errp)
     }
     int64_t timeout = lam_opt_int(opts, "cbw-timeout", 0, &err);
     int64_t min_cluster = lam_opt_int(opts, "min-cluster-size", 0, &err);
+    int64_t gran = lam_opt_int(opts, "x-granularity", 0, &err);
     if (err) {
         lam_error_propagate(errp, err);
         return -EINVAL;
@@ -155,6 +157,10 @@ static int cbw_open(LamNode *bs, json_t *opts, int flags, LamError **errp)
     pthread_cond_init(&s->helpers_cond, NULL);
     if (min_cluster < 0 || (min_cluster & (min_cluster - 1))) {
         lam_error_setg(errp, "min-cluster-size must be a power of 2");
+        return -EINVAL;
+    }
+    if (gran < 0 || (gran && (gran < 512 || (gran & (gran - 1))))) {
+        lam_error_setg(errp, "x-granularity must be a power of 2, at least 512");
         return -EINVAL;
     }
     if (json_object_get(opts, "bitmap")) {
@@ -189,7 +195,7 @@ static int cbw_open(LamNode *bs, json_t *opts, int flags, LamError **errp)
         wflags &= ~LAM_REQ_SERIALISING;
     }
     s->bcs = lam_block_copy_new_gran(s->file, s->target, cs,
-                                     cbw_granularity(s, cs, min_cluster, wflags),
+                                     cbw_granularity(s, cs, min_cluster, wflags, gran),
                                      wflags, errp);
     if (!s->bcs) {
         return -EINVAL;

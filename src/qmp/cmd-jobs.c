@@ -210,7 +210,8 @@ static const QmpType cbw_bitmap_type = {QMP_T_OBJECT, "BlockDirtyBitmap", cbw_bi
 static const QmpMember cbw_members[] = {
     {"file", &qmp_blockdev_ref}, {"target", &qmp_blockdev_ref},
     {"bitmap", &cbw_bitmap_type, true}, {"on-cbw-error", &cbwerr_enum, true},
-    {"cbw-timeout", &qmp_t_uint32, true}, {"min-cluster-size", &qmp_t_size, true}, {NULL}};
+    {"cbw-timeout", &qmp_t_uint32, true}, {"min-cluster-size", &qmp_t_size, true},
+    {"x-granularity", &qmp_t_size, true}, {NULL}};
 static const QmpMember snap_members[] = {{"file", &qmp_blockdev_ref}, {NULL}};
 
 static const char *const iotype_values[] = {"read", "write", "write-zeroes", "discard",

@@ -185,8 +185,7 @@ def test_two_backups_of_one_source(flavor, tmp_path):
     subprocess.run(["qemu-img", "compare", "-q", "-f", "raw", "-F", "raw", snap, tb],
                    check=True)
     # a's target has the old data wherever the guest wrote, zeroes elsewhere
-    # (per 4 KiB: laminad copies only the written blocks into a target
-    # without backing file, QEMU whole 64 KiB clusters).
+    # (checked per 4 KiB, so it holds whatever the copy unit).
     with open(snap, "rb") as s_, open(ta, "rb") as a_:
         s_data, a_data = s_.read(), a_.read()
     for off in range(0, SIZE, 4096):
