@@ -317,9 +317,16 @@ static int cbw_copy_timed(CbwState *s, int64_t off, int64_t bytes)
     return ret;
 }
 
+/* No copy for writes that leave the data as it is, nor once the snapshot
+ * is given up (break-snapshot). */
+static bool cbw_skips(CbwState *s, int flags)
+{
+    return (flags & LAM_REQ_WRITE_UNCHANGED) || atomic_load(&s->snapshot_broken);
+}
+
 static int cbw_before_write(CbwState *s, int64_t off, int64_t bytes, int flags)
 {
-    if ((flags & LAM_REQ_WRITE_UNCHANGED) || atomic_load(&s->snapshot_broken)) {
+    if (cbw_skips(s, flags)) {
         return 0;
     }
     int ret = s->cbw_timeout ? cbw_copy_timed(s, off, bytes)
@@ -343,8 +350,7 @@ static int cbw_pwritev(LamNode *bs, int64_t off, int64_t bytes, LamIOV *qiov, in
     if (flags & LAM_REQ_NOWAIT) {
         /* Served without waiting only where no copy is due: the rest
          * copies first, on a thread that may wait. */
-        bool skip = (flags & LAM_REQ_WRITE_UNCHANGED) || atomic_load(&s->snapshot_broken);
-        if (!skip && lam_block_copy_needs_copy(s->bcs, off, bytes)) {
+        if (!cbw_skips(s, flags) && lam_block_copy_needs_copy(s->bcs, off, bytes)) {
             return -EAGAIN;
         }
         return lam_co_pwritev(s->file, off, bytes, qiov, flags);

@@ -59,7 +59,7 @@ struct LamBlockCopy {
     CopyTask *tasks;      /* in-flight copies */
     FrozenRead *frozen;   /* in-flight snapshot reads from the source */
     uint64_t copied_gen;  /* bumped whenever a copy completes */
-    bool no_recheck;      /* test switch (LAMINA_DEBUG_NO_FLEECING_GUARD) */
+    bool no_recheck;      /* test switch, fixed at creation (LAMINA_DEBUG_NO_FLEECING_GUARD) */
 
     /* Background run state (valid while lam_block_copy_run runs). */
     WorkItem *queue;
@@ -200,17 +200,25 @@ void lam_block_copy_reset(LamBlockCopy *s, int64_t off, int64_t bytes)
     pthread_mutex_unlock(&s->lock);
 }
 
+/* [off, off+bytes) rounded out to whole copy units, clipped to the disk. */
+static void unit_range(LamBlockCopy *s, int64_t off, int64_t bytes, int64_t *start,
+                       int64_t *end)
+{
+    int64_t unit = copy_unit(s);
+    *start = off / unit * unit;
+    *end = (off + bytes + unit - 1) / unit * unit;
+    if (*end > s->len) {
+        *end = s->len;
+    }
+}
+
 bool lam_block_copy_needs_copy(LamBlockCopy *s, int64_t off, int64_t bytes)
 {
     if (bytes <= 0 || off >= s->len) {
         return false;
     }
-    int64_t unit = copy_unit(s);
-    int64_t start = off / unit * unit;
-    int64_t end = (off + bytes + unit - 1) / unit * unit;
-    if (end > s->len) {
-        end = s->len;
-    }
+    int64_t start, end;
+    unit_range(s, off, bytes, &start, &end);
     pthread_mutex_lock(&s->lock);
     bool r = lam_bitmap_any(s->bitmap, start, end - start) ||
              task_overlaps_locked(s, start, end - start);
@@ -461,13 +469,8 @@ int lam_block_copy_cbw(LamBlockCopy *s, int64_t off, int64_t bytes)
     if (bytes <= 0 || off >= s->len) {
         return 0;
     }
-    int64_t unit = copy_unit(s);
-    int64_t start = off / unit * unit;
-    int64_t end = off + bytes;
-    end = (end + unit - 1) / unit * unit;
-    if (end > s->len) {
-        end = s->len;
-    }
+    int64_t start, end;
+    unit_range(s, off, bytes, &start, &end);
     int ret = 0;
     pthread_mutex_lock(&s->lock);
     for (;;) {
@@ -537,6 +540,25 @@ static bool copied_locked(LamBlockCopy *s, int64_t off, int64_t n)
     return !lam_bitmap_get(s->bitmap, off) && !task_overlaps_locked(s, off, n);
 }
 
+/* The run of clusters from off (before end) that are all copied or all
+ * not; its length, and the state in *copied.  Lock held. */
+static int64_t state_run_locked(LamBlockCopy *s, int64_t off, int64_t end, bool *copied)
+{
+    int64_t n = 0;
+    while (off + n < end) {
+        int64_t cend = ((off + n) / s->gran + 1) * s->gran;
+        int64_t m = (cend < end ? cend : end) - (off + n);
+        bool c = copied_locked(s, off + n, m);
+        if (n == 0) {
+            *copied = c;
+        } else if (c != *copied) {
+            break;
+        }
+        n += m;
+    }
+    return n;
+}
+
 static int read_part(LamChild *c, int64_t off, int64_t n, LamIOV *qiov, size_t qoff)
 {
     LamIOV part;
@@ -557,26 +579,15 @@ static int recheck_locked(LamBlockCopy *s, int64_t off, int64_t n, LamIOV *qiov,
 {
     int64_t end = off + n;
     while (off < end) {
-        int64_t cend = (off / s->gran + 1) * s->gran;
-        int64_t m = (cend < end ? cend : end) - off;
-        if (!copied_locked(s, off, m)) {
-            off += m;
-            qoff += (size_t)m;
-            continue;
-        }
-        /* Extend over copied clusters. */
-        while (off + m < end) {
-            int64_t k = s->gran < end - off - m ? s->gran : end - off - m;
-            if (!copied_locked(s, off + m, k)) {
-                break;
+        bool copied;
+        int64_t m = state_run_locked(s, off, end, &copied);
+        if (copied) {
+            pthread_mutex_unlock(&s->lock);
+            int ret = read_part(s->target, off, m, qiov, qoff);
+            pthread_mutex_lock(&s->lock);
+            if (ret < 0) {
+                return ret;
             }
-            m += k;
-        }
-        pthread_mutex_unlock(&s->lock);
-        int ret = read_part(s->target, off, m, qiov, qoff);
-        pthread_mutex_lock(&s->lock);
-        if (ret < 0) {
-            return ret;
         }
         off += m;
         qoff += (size_t)m;
@@ -601,18 +612,8 @@ int lam_block_copy_snapshot_read(LamBlockCopy *s, int64_t off, int64_t bytes,
     }
     while (off < end) {
         pthread_mutex_lock(&s->lock);
-        int64_t cend = (off / s->gran + 1) * s->gran;
-        int64_t n = (cend < end ? cend : end) - off;
-        bool copied = copied_locked(s, off, n);
-        /* Extend over clusters in the same state. */
-        while (off + n < end) {
-            int64_t next = off + n;
-            int64_t m = s->gran < end - next ? s->gran : end - next;
-            if (copied_locked(s, next, m) != copied) {
-                break;
-            }
-            n += m;
-        }
+        bool copied;
+        int64_t n = state_run_locked(s, off, end, &copied);
         /* Registered for snapshot discard, which waits for it. */
         FrozenRead fr = { .off = off, .bytes = n };
         uint64_t gen = s->copied_gen;

@@ -100,18 +100,23 @@ def stress(sock, guest, fleece, seed=1):
     return result
 
 
+def start_with_env(flavor, tmp_path, env):
+    """Starts a daemon with extra environment (the debug switches)."""
+    old = dict(os.environ)
+    os.environ.update(env or {})
+    try:
+        return start(flavor, tmp_path)
+    finally:
+        os.environ.clear()
+        os.environ.update(old)
+
+
 def classic(flavor, tmp_path, env=None, slow_backing=False, export_first=False):
     src = str(tmp_path / "src.raw")
     tmp = str(tmp_path / "tmp.qcow2")
     make_file(src, SIZE, pattern)
     subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", tmp, str(SIZE)], check=True)
-    old = dict(os.environ)
-    os.environ.update(env or {})
-    try:
-        d = start(flavor, tmp_path)
-    finally:
-        os.environ.clear()
-        os.environ.update(old)
+    d = start_with_env(flavor, tmp_path, env)
     q = d.qmp
     sock = str(tmp_path / "nbd.sock")
     q.cmd("nbd-server-start", addr={"type": "unix", "data": {"path": sock}})
@@ -183,13 +188,7 @@ def modern(flavor, tmp_path, env=None, slow_source=False):
     tmp = str(tmp_path / "tmp.raw")
     make_file(src, SIZE, pattern)
     make_file(tmp, SIZE)
-    old = dict(os.environ)
-    os.environ.update(env or {})
-    try:
-        d = start(flavor, tmp_path)
-    finally:
-        os.environ.clear()
-        os.environ.update(old)
+    d = start_with_env(flavor, tmp_path, env)
     q = d.qmp
     sock = str(tmp_path / "nbd.sock")
     q.cmd("nbd-server-start", addr={"type": "unix", "data": {"path": sock}})

@@ -91,11 +91,11 @@ static int entry_write(Qcow2State *s, Qcow2Cache *c, Qcow2CacheEntry *e, int fla
     return 0;
 }
 
-int qc_cache_writeback_fua(Qcow2State *s, Qcow2Cache *c)
+static int writeback(Qcow2State *s, Qcow2Cache *c, int flags)
 {
     int result = 0;
     for (int i = 0; i < c->n; i++) {
-        int ret = entry_write(s, c, &c->e[i], LAM_REQ_FUA);
+        int ret = entry_write(s, c, &c->e[i], flags);
         if (ret < 0 && result == 0) {
             result = ret;
         }
@@ -103,16 +103,14 @@ int qc_cache_writeback_fua(Qcow2State *s, Qcow2Cache *c)
     return result;
 }
 
+int qc_cache_writeback_fua(Qcow2State *s, Qcow2Cache *c)
+{
+    return writeback(s, c, LAM_REQ_FUA);
+}
+
 int qc_cache_writeback(Qcow2State *s, Qcow2Cache *c)
 {
-    int result = 0;
-    for (int i = 0; i < c->n; i++) {
-        int ret = entry_write(s, c, &c->e[i], 0);
-        if (ret < 0 && result == 0) {
-            result = ret;
-        }
-    }
-    return result;
+    return writeback(s, c, 0);
 }
 
 int qc_flush_metadata(Qcow2State *s)

@@ -6,7 +6,6 @@
  * wins the race; with LAMINA_DEBUG_NO_FLEECING_GUARD=1 the read must see
  * the new data, which shows the test can fail. */
 #include <pthread.h>
-#include <stdarg.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -14,24 +13,10 @@
 
 #include "lamina/block.h"
 #include "lamina/driver.h"
+#include "tap.h"
 
 #define CS 65536
 #define SIZE (4 * CS)
-
-static int test_no, failures;
-
-static void ok(int cond, const char *fmt, ...) __attribute__((format(printf, 2, 3)));
-static void ok(int cond, const char *fmt, ...)
-{
-    va_list ap;
-    va_start(ap, fmt);
-    printf("%s %d - ", cond ? "ok" : "not ok", ++test_no);
-    vprintf(fmt, ap);
-    printf("\n");
-    va_end(ap);
-    failures += !cond;
-    fflush(stdout);
-}
 
 typedef struct Reader {
     LamChild *edge;
@@ -133,33 +118,48 @@ static int64_t race(const char *dir, int round, int64_t off, int64_t len, int64_
     return bad;
 }
 
+static const char *dir;
+static bool guard_off;
+static int cur_round;
+
+/* Round 0: a read over three clusters, the middle one copied and
+ * overwritten (the re-read covers only it).  Round 1: a read of two
+ * clusters, both copied.  Round 2: an unaligned read inside the copied
+ * cluster.  { read offset, read length, copied from, copied to } */
+static const int64_t rounds[3][4] = {
+    { 0, 3 * CS, CS, 2 * CS },
+    { CS, 2 * CS, CS, 3 * CS },
+    { CS + 1000, 3000, CS, 2 * CS },
+};
+
+static void run_round(void)
+{
+    const int64_t *r = rounds[cur_round];
+    int64_t bad = race(dir, cur_round, r[0], r[1], r[2], r[3]);
+    printf("# round %d: the read saw %lld new bytes\n", cur_round, (long long)bad);
+    if (guard_off) {
+        CHECK(bad > 0);   /* shows the test can fail */
+    } else {
+        CHECK_EQ(bad, 0); /* the point in time is kept */
+    }
+}
+
 int main(void)
 {
-    char dir[] = "/tmp/lamina-fleece-XXXXXX";
-    if (!mkdtemp(dir)) {
+    char tmpl[] = "/tmp/lamina-fleece-XXXXXX";
+    if (!mkdtemp(tmpl)) {
         return 1;
     }
-    bool guard_off = lam_debug_no_fleecing_guard();
-    /* Round 0: a read over three clusters, the middle one copied and
-     * overwritten (the re-read covers only it).  Round 1: a read of two
-     * clusters, both copied.  Round 2: an unaligned read inside the copied
-     * cluster. */
-    static const int64_t r[3][4] = {
-        { 0, 3 * CS, CS, 2 * CS },
-        { CS, 2 * CS, CS, 3 * CS },
-        { CS + 1000, 3000, CS, 2 * CS },
+    dir = tmpl;
+    guard_off = lam_debug_no_fleecing_guard();
+    static const char *names[3] = {
+        "three clusters read, the middle one copied meanwhile",
+        "two clusters read, both copied meanwhile",
+        "unaligned read inside a cluster copied meanwhile",
     };
-    for (int round = 0; round < 3; round++) {
-        int64_t bad = race(dir, round, r[round][0], r[round][1], r[round][2], r[round][3]);
-        if (guard_off) {
-            ok(bad > 0, "round %d without the guard: the read saw %lld new bytes", round,
-               (long long)bad);
-        } else {
-            ok(bad == 0, "round %d: the read kept the point in time (%lld new bytes)", round,
-               (long long)bad);
-        }
+    for (cur_round = 0; cur_round < 3; cur_round++) {
+        tap_run(names[cur_round], run_round);
     }
-    rmdir(dir);
-    printf("1..%d\n", test_no);
-    return failures ? 1 : 0;
+    rmdir(tmpl);
+    return tap_done();
 }
